@@ -1,0 +1,3 @@
+from crifs.cli.main import run
+
+run()

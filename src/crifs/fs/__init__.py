@@ -1,0 +1,1 @@
+"""Pure filesystem engines: walking, usage, in-root resolution. No policy lives here."""
