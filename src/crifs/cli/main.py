@@ -1,0 +1,126 @@
+"""The ``crifs`` command: option parsing, the one error wrapper, exit codes.
+
+``main(argv)`` returns the exit status instead of exiting, so tests run it in-process.
+Exit codes: 0 success, 1 the thing asked for does not hold or was not found, 2 bad input or
+usage (one line on stderr naming the file and the problem), 8 a bug in crifs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Annotated
+
+import click
+import typer
+
+from crifs import __version__
+from crifs.cli import common
+from crifs.cli.common import ConfigOpt, NamespaceOpt, OutputOpt, RootOpt, RunrootOpt, StateOpt
+from crifs.errors import CrifsError
+from crifs.report.output import Format
+from crifs.stores import Selection
+
+app = typer.Typer(
+    name="crifs",
+    help="fsck and x-ray for container storage (containerd, CRI-O, podman).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"crifs {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _globals(
+    ctx: typer.Context,
+    runtime: Annotated[
+        str, typer.Option("--runtime", help="containerd, cstorage or auto.")
+    ] = "auto",
+    root: RootOpt = None,
+    runroot: RunrootOpt = None,
+    state: StateOpt = None,
+    config: ConfigOpt = None,
+    namespace: NamespaceOpt = None,
+    output: OutputOpt = None,
+    lock_timeout: Annotated[
+        float, typer.Option("--lock-timeout", help="Seconds to wait for a store's read locks.")
+    ] = 10.0,
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True)
+    ] = None,
+) -> None:
+    ctx.obj = common.Globals(
+        selection=Selection(
+            runtime=runtime,
+            root=root,
+            runroot=runroot,
+            state=state,
+            config=config,
+            lock_timeout=lock_timeout,
+        ),
+        output=output or Format.TABLE,
+        namespace=namespace,
+    )
+
+
+def _register() -> None:
+    from crifs.cli import demo, info, inventory, snapshots
+
+    app.add_typer(snapshots.app, name="snapshots")
+    app.add_typer(inventory.images_app, name="images")
+    app.add_typer(inventory.containers_app, name="containers")
+    app.add_typer(inventory.namespaces_app, name="namespaces")
+    app.command("info")(info.info)
+    app.command("demo")(demo.demo)
+
+
+_register()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run crifs with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(
+            args=list(sys.argv[1:] if argv is None else argv),
+            prog_name="crifs",
+            standalone_mode=False,
+        )
+    except CrifsError as err:
+        _error(str(err))
+        return err.exit_code
+    except click.exceptions.Abort:
+        _error("aborted")
+        return 130
+    except click.ClickException as err:
+        _error(err.format_message())
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # Output was cut short by the reader (``| head``): not an error of ours.
+        sys.stderr.close()
+        return 0
+    except Exception as err:  # a bug: say so in one line unless asked for the traceback
+        if os.environ.get("CRIFS_DEBUG"):
+            raise
+        _error(f"internal error: {type(err).__name__}: {err} (set CRIFS_DEBUG=1 for a traceback)")
+        return 8
+    return result if isinstance(result, int) else 0
+
+
+def _error(message: str) -> None:
+    print(f"crifs: {message}", file=sys.stderr)
+
+
+def run() -> None:
+    sys.exit(main())

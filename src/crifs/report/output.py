@@ -1,0 +1,76 @@
+"""Writing one command's result: a table, a JSON or YAML document, or Graphviz dot.
+
+Every JSON/YAML document is an object ``{"schema": "crifs/<kind>/v1", <list name>: [...]}`` so
+fields can be added without breaking readers. Data goes to stdout only; nothing else is mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TextIO
+
+import yaml
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from crifs.report.values import escape_text
+
+
+class Format(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+    YAML = "yaml"
+    DOT = "dot"
+
+
+def document(kind: str, list_name: str, records: list[Any], **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"schema": f"crifs/{kind}/v1"}
+    doc.update(extra)
+    doc[list_name] = records
+    return doc
+
+
+def write_document(doc: dict[str, Any], fmt: Format, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    if fmt is Format.YAML:
+        yaml.safe_dump(doc, out, sort_keys=False, allow_unicode=True, width=10**6)
+    else:
+        json.dump(doc, out, indent=2, ensure_ascii=False)
+        out.write("\n")
+
+
+@dataclass
+class Table:
+    """Columns and rows of text; rendered with rich on a terminal, as plain aligned text else."""
+
+    columns: Sequence[str]
+    rows: list[Sequence[str]] = field(default_factory=list)
+    title: str | None = None
+
+    def add(self, *cells: object) -> None:
+        self.rows.append([escape_text("" if c is None else str(c)) for c in cells])
+
+    def render(self, out: TextIO | None = None) -> None:
+        out = out or sys.stdout
+        if out.isatty():
+            table = RichTable(title=self.title, box=None, header_style="bold", pad_edge=False)
+            for name in self.columns:
+                table.add_column(name, overflow="fold")
+            for row in self.rows:
+                table.add_row(*row)
+            Console(file=out).print(table)
+            return
+        widths = [len(c) for c in self.columns]
+        for row in self.rows:
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=False)]
+        for row in [list(self.columns), *self.rows]:
+            cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+            out.write("  ".join(cells).rstrip() + "\n")
+
+
+def console(err: bool = False) -> Console:
+    return Console(stderr=err, highlight=False)

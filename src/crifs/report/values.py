@@ -1,0 +1,89 @@
+"""Turning model values into JSON-safe values, the one way every command does it.
+
+- ``datetime`` → RFC 3339 UTC string; enums → their value; mappings → dicts; tuples → lists.
+- A string holding bytes that are not UTF-8 (kept by ``os.fsdecode`` as surrogates) is written
+  with those bytes as ``\\xNN`` escapes, and the exact bytes go in a sibling field
+  ``<name>_b64``: ``path`` gets ``path_b64``. Nothing is dropped or replaced silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import os
+from collections.abc import Mapping
+from typing import Any
+
+
+def is_exact_text(text: str) -> bool:
+    """True when ``text`` holds no undecodable bytes (no surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_text(text: str) -> str:
+    """``text`` with each undecodable byte written as ``\\xNN``."""
+    if is_exact_text(text):
+        return text
+    raw = os.fsencode(text)
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def b64_of(text: str) -> str:
+    return base64.b64encode(os.fsencode(text)).decode("ascii")
+
+
+def rfc3339(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    value = value.astimezone(dt.UTC)
+    text = value.isoformat(timespec="microseconds" if value.microsecond else "seconds")
+    return text.replace("+00:00", "Z")
+
+
+def to_jsonable(value: Any) -> Any:
+    """A JSON-safe copy of ``value`` (dataclass, mapping, list, scalar)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return record(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dt.datetime):
+        return rfc3339(value)
+    if isinstance(value, str):
+        return escape_text(value)
+    if isinstance(value, Mapping):
+        return {escape_text(str(k)): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def record(obj: Any, **extra: Any) -> dict[str, Any]:
+    """A dataclass as a JSON record, with ``<field>_b64`` for every non-UTF-8 string field."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        add_field(out, f.name, getattr(obj, f.name))
+    for name, value in extra.items():
+        add_field(out, name, value)
+    return out
+
+
+def add_field(out: dict[str, Any], name: str, value: Any) -> None:
+    out[name] = to_jsonable(value)
+    if isinstance(value, str) and not is_exact_text(value):
+        out[f"{name}_b64"] = b64_of(value)
+
+
+def human_size(size: float) -> str:
+    """Size as ctr prints it (``units.CustomSize("%02.1f %s", size, 1024, …)``)."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"]
+    i = 0
+    while size >= 1024 and i < len(units) - 1:
+        size /= 1024
+        i += 1
+    return f"{size:.1f} {units[i]}"
