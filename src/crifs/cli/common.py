@@ -26,9 +26,7 @@ RootOpt = Annotated[
         "--root", help="Storage root: containerd root dir or containers/storage graphroot."
     ),
 ]
-RunrootOpt = Annotated[
-    str | None, typer.Option("--runroot", help="containers/storage runroot.")
-]
+RunrootOpt = Annotated[str | None, typer.Option("--runroot", help="containers/storage runroot.")]
 StateOpt = Annotated[str | None, typer.Option("--state", help="containerd state dir.")]
 ConfigOpt = Annotated[
     str | None,
@@ -74,15 +72,17 @@ def resolve(
 ) -> Globals:
     """Globals with the command's own options laid over the ones given before the verb."""
     g = globals_of(ctx)
-    changes = {
-        k: v
-        for k, v in dict(
-            runtime=runtime, root=root, runroot=runroot, state=state, config=config
-        ).items()
-        if v is not None
-    }
+    base = g.selection
+    selection = dataclasses.replace(
+        base,
+        runtime=runtime if runtime is not None else base.runtime,
+        root=root if root is not None else base.root,
+        runroot=runroot if runroot is not None else base.runroot,
+        state=state if state is not None else base.state,
+        config=config if config is not None else base.config,
+    )
     return Globals(
-        selection=dataclasses.replace(g.selection, **changes),
+        selection=selection,
         output=output or g.output,
         namespace=namespace if namespace is not None else g.namespace,
     )

@@ -29,12 +29,15 @@ def info(
     config: ConfigOpt = None,
 ) -> None:
     """Runtimes and roots found, drivers, filesystem, free space, daemon, counts and sizes."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output)
+    g = resolve(
+        ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config, output=output
+    )
     infos = [st.info() for st in stores_of(g)]
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
-        write_document(document("info", "stores", [record(i) for i in infos]),
-                       Format.YAML if g.output is Format.YAML else Format.JSON)
+        write_document(
+            document("info", "stores", [record(i) for i in infos]),
+            Format.YAML if g.output is Format.YAML else Format.JSON,
+        )
         return
     for n, i in enumerate(infos):
         if n:

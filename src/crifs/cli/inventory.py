@@ -35,21 +35,41 @@ def images_ls(
     config: ConfigOpt = None,
 ) -> None:
     """List images: name, type, digest, size and platforms, as ctr/podman show them."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output, namespace=namespace)
+    g = resolve(
+        ctx,
+        runtime=runtime,
+        root=root,
+        runroot=runroot,
+        state=state,
+        config=config,
+        output=output,
+        namespace=namespace,
+    )
     images = [i for st in stores_of(g) for i in st.images(g.namespace)]
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
-        write_document(document("images", "images", [record(i) for i in images]),
-                       Format.YAML if g.output is Format.YAML else Format.JSON)
+        write_document(
+            document("images", "images", [record(i) for i in images]),
+            Format.YAML if g.output is Format.YAML else Format.JSON,
+        )
         return
     show_rt = len({i.runtime for i in images}) > 1
     show_ns = any(i.namespace for i in images)
-    table = Table((["RUNTIME"] if show_rt else []) + (["NAMESPACE"] if show_ns else [])
-                  + ["REF", "IMAGE ID", "DIGEST", "SIZE", "PLATFORMS"])
+    table = Table(
+        (["RUNTIME"] if show_rt else [])
+        + (["NAMESPACE"] if show_ns else [])
+        + ["REF", "IMAGE ID", "DIGEST", "SIZE", "PLATFORMS"]
+    )
     for i in images:
         size = human_size(i.size_bytes) if i.size_bytes is not None else "-"
-        table.add(*([i.runtime] if show_rt else []), *([i.namespace or ""] if show_ns else []),
-                  i.name, _short(i.id), i.digest or "", size, ",".join(i.platforms))
+        table.add(
+            *([i.runtime] if show_rt else []),
+            *([i.namespace or ""] if show_ns else []),
+            i.name,
+            _short(i.id),
+            i.digest or "",
+            size,
+            ",".join(i.platforms),
+        )
     table.render()
 
 
@@ -65,20 +85,40 @@ def containers_ls(
     config: ConfigOpt = None,
 ) -> None:
     """List containers with their image and rootfs snapshot."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output, namespace=namespace)
+    g = resolve(
+        ctx,
+        runtime=runtime,
+        root=root,
+        runroot=runroot,
+        state=state,
+        config=config,
+        output=output,
+        namespace=namespace,
+    )
     containers = [c for st in stores_of(g) for c in st.containers(g.namespace)]
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
-        write_document(document("containers", "containers", [record(c) for c in containers]),
-                       Format.YAML if g.output is Format.YAML else Format.JSON)
+        write_document(
+            document("containers", "containers", [record(c) for c in containers]),
+            Format.YAML if g.output is Format.YAML else Format.JSON,
+        )
         return
     show_rt = len({c.runtime for c in containers}) > 1
     show_ns = any(c.namespace for c in containers)
-    table = Table((["RUNTIME"] if show_rt else []) + (["NAMESPACE"] if show_ns else [])
-                  + ["CONTAINER", "NAMES", "IMAGE", "SNAPSHOT", "OCI RUNTIME"])
+    table = Table(
+        (["RUNTIME"] if show_rt else [])
+        + (["NAMESPACE"] if show_ns else [])
+        + ["CONTAINER", "NAMES", "IMAGE", "SNAPSHOT", "OCI RUNTIME"]
+    )
     for c in containers:
-        table.add(*([c.runtime] if show_rt else []), *([c.namespace or ""] if show_ns else []),
-                  c.id, ",".join(c.names), c.image, c.snapshot_key or "", c.runtime_name or "")
+        table.add(
+            *([c.runtime] if show_rt else []),
+            *([c.namespace or ""] if show_ns else []),
+            c.id,
+            ",".join(c.names),
+            c.image,
+            c.snapshot_key or "",
+            c.runtime_name or "",
+        )
     table.render()
 
 
@@ -93,13 +133,16 @@ def namespaces_ls(
     config: ConfigOpt = None,
 ) -> None:
     """List containerd namespaces."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output)
+    g = resolve(
+        ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config, output=output
+    )
     rows = [(st.runtime, ns) for st in stores_of(g) for ns in st.namespaces()]
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
         recs = [{"runtime": rt, "name": ns} for rt, ns in rows]
-        write_document(document("namespaces", "namespaces", recs),
-                       Format.YAML if g.output is Format.YAML else Format.JSON)
+        write_document(
+            document("namespaces", "namespaces", recs),
+            Format.YAML if g.output is Format.YAML else Format.JSON,
+        )
         return
     table = Table(["NAME"])
     for _, ns in rows:

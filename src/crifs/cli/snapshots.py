@@ -24,7 +24,9 @@ from crifs.report import tree as tree_report
 from crifs.report.output import Format, Table, document, write_document
 from crifs.report.values import human_size, record
 
-app = typer.Typer(help="Snapshots (containerd) and layers (containers/storage).", no_args_is_help=True)
+app = typer.Typer(
+    help="Snapshots (containerd) and layers (containers/storage).", no_args_is_help=True
+)
 
 KeyArg = Annotated[str, typer.Argument(help="Snapshot key, snapshotter id or layer id.")]
 
@@ -39,15 +41,15 @@ def _one(
     stores: list[Store], key: str, namespace: str | None, snapshotter: str | None
 ) -> tuple[Store, Snapshot]:
     found = [
-        (st, s)
-        for st in stores
-        for s in find_snapshot(st.snapshots(namespace, snapshotter), key)
+        (st, s) for st in stores for s in find_snapshot(st.snapshots(namespace, snapshotter), key)
     ]
     if not found:
         where = f" in namespace {namespace}" if namespace else ""
         raise NotFound(f"snapshot {key!r} not found{where}")
     if len(found) > 1:
-        places = ", ".join(sorted({f"{s.runtime}/{s.namespace or '-'}/{s.snapshotter}" for _, s in found}))
+        places = ", ".join(
+            sorted({f"{s.runtime}/{s.namespace or '-'}/{s.snapshotter}" for _, s in found})
+        )
         raise BadInput(f"snapshot {key!r} is ambiguous ({places}); use -n/--snapshotter/--runtime")
     return found[0]
 
@@ -72,8 +74,16 @@ def ls(
     config: ConfigOpt = None,
 ) -> None:
     """List snapshots: KEY PARENT KIND, as ctr snapshots ls does, for every namespace."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output, namespace=namespace)
+    g = resolve(
+        ctx,
+        runtime=runtime,
+        root=root,
+        runroot=runroot,
+        state=state,
+        config=config,
+        output=output,
+        namespace=namespace,
+    )
     pairs = _listing(stores_of(g), g.namespace, snapshotter)
     if g.output in (Format.JSON, Format.YAML):
         recs = [record(s) for _, s in pairs]
@@ -83,12 +93,20 @@ def ls(
         tree_report.write_dot([s for _, s in pairs], {})
         return
     show_rt, show_ns, show_ss = _columns(pairs)
-    cols = (["RUNTIME"] if show_rt else []) + (["NAMESPACE"] if show_ns else []) + (
-        ["SNAPSHOTTER"] if show_ss else []) + ["KEY", "PARENT", "KIND"]
+    cols = (
+        (["RUNTIME"] if show_rt else [])
+        + (["NAMESPACE"] if show_ns else [])
+        + (["SNAPSHOTTER"] if show_ss else [])
+        + ["KEY", "PARENT", "KIND"]
+    )
     table = Table(cols)
     for _, s in pairs:
-        cells = ([s.runtime] if show_rt else []) + ([s.namespace or ""] if show_ns else []) + (
-            [s.snapshotter] if show_ss else []) + [s.key, s.parent or "", s.kind.value]
+        cells = (
+            ([s.runtime] if show_rt else [])
+            + ([s.namespace or ""] if show_ns else [])
+            + ([s.snapshotter] if show_ss else [])
+            + [s.key, s.parent or "", s.kind.value]
+        )
         table.add(*cells)
     table.render()
 
@@ -106,16 +124,25 @@ def tree(
     config: ConfigOpt = None,
 ) -> None:
     """Show the parent links as a tree, with each snapshot's own size."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output, namespace=namespace)
+    g = resolve(
+        ctx,
+        runtime=runtime,
+        root=root,
+        runroot=runroot,
+        state=state,
+        config=config,
+        output=output,
+        namespace=namespace,
+    )
     pairs = _listing(stores_of(g), g.namespace, snapshotter)
     sizes = tree_report.usages(pairs)
     snaps = [s for _, s in pairs]
     if g.output is Format.DOT:
         tree_report.write_dot(snaps, sizes)
     elif g.output in (Format.JSON, Format.YAML):
-        write_document(document("snapshot-tree", "trees", tree_report.nested(snaps, sizes)),
-                       g.output)
+        write_document(
+            document("snapshot-tree", "trees", tree_report.nested(snaps, sizes)), g.output
+        )
     else:
         tree_report.write_tree(snaps, sizes)
 
@@ -134,8 +161,16 @@ def info(
     config: ConfigOpt = None,
 ) -> None:
     """Everything recorded about one snapshot."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output, namespace=namespace)
+    g = resolve(
+        ctx,
+        runtime=runtime,
+        root=root,
+        runroot=runroot,
+        state=state,
+        config=config,
+        output=output,
+        namespace=namespace,
+    )
     _, snap = _one(stores_of(g), key, g.namespace, snapshotter)
     if g.output in (Format.JSON, Format.YAML):
         write_document(document("snapshots", "snapshots", [record(snap)]), g.output)
@@ -167,8 +202,16 @@ def usage(
     config: ConfigOpt = None,
 ) -> None:
     """Disk usage of each snapshot's own directory: measured for active, stored for committed."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output, namespace=namespace)
+    g = resolve(
+        ctx,
+        runtime=runtime,
+        root=root,
+        runroot=runroot,
+        state=state,
+        config=config,
+        output=output,
+        namespace=namespace,
+    )
     stores = stores_of(g)
     if keys:
         pairs = [_one(stores, k, g.namespace, snapshotter) for k in keys]
@@ -212,8 +255,16 @@ def mounts(
     config: ConfigOpt = None,
 ) -> None:
     """Print the mount command the runtime would run for KEY at TARGET (nothing is mounted)."""
-    g = resolve(ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config,
-                output=output, namespace=namespace)
+    g = resolve(
+        ctx,
+        runtime=runtime,
+        root=root,
+        runroot=runroot,
+        state=state,
+        config=config,
+        output=output,
+        namespace=namespace,
+    )
     store, snap = _one(stores_of(g), key, g.namespace, snapshotter)
     mounts = store.mounts(snap)
     if g.output in (Format.JSON, Format.YAML):
