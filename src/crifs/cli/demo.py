@@ -15,4 +15,6 @@ def demo(
     """Build a sandbox containerd + containers/storage store and run the inventory on it."""
     from crifs.demo import run_demo
 
-    run_demo(directory)
+    code = run_demo(directory)
+    if code:
+        raise typer.Exit(code)

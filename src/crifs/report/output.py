@@ -13,10 +13,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TextIO
 
-import yaml
-from rich.console import Console
-from rich.table import Table as RichTable
-
 from crifs.report.values import escape_text
 
 
@@ -35,12 +31,30 @@ def document(kind: str, list_name: str, records: list[Any], **extra: Any) -> dic
 
 
 def write_document(doc: dict[str, Any], fmt: Format, out: TextIO | None = None) -> None:
+    """Write ``doc`` as YAML, or as JSON with one record per line.
+
+    One compact record per line keeps the C JSON encoder (``indent`` forces the pure-Python
+    one, 10x slower on 10,000 snapshots) while staying readable and ``grep``-able.
+    """
     out = out or sys.stdout
     if fmt is Format.YAML:
+        import yaml
+
         yaml.safe_dump(doc, out, sort_keys=False, allow_unicode=True, width=10**6)
-    else:
-        json.dump(doc, out, indent=2, ensure_ascii=False)
-        out.write("\n")
+        return
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    parts = ["{"]
+    items = list(doc.items())
+    for n, (name, value) in enumerate(items):
+        sep = "," if n < len(items) - 1 else ""
+        key = encode(name)
+        if isinstance(value, list) and value:
+            rows = ",\n    ".join(encode(v) for v in value)
+            parts.append(f"\n  {key}: [\n    {rows}\n  ]{sep}")
+        else:
+            parts.append(f"\n  {key}: {encode(value)}{sep}")
+    parts.append("\n}\n")
+    out.write("".join(parts))
 
 
 @dataclass
@@ -57,6 +71,9 @@ class Table:
     def render(self, out: TextIO | None = None) -> None:
         out = out or sys.stdout
         if out.isatty():
+            from rich.console import Console
+            from rich.table import Table as RichTable
+
             table = RichTable(title=self.title, box=None, header_style="bold", pad_edge=False)
             for name in self.columns:
                 table.add_column(name, overflow="fold")
@@ -70,7 +87,3 @@ class Table:
         for row in [list(self.columns), *self.rows]:
             cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
             out.write("  ".join(cells).rstrip() + "\n")
-
-
-def console(err: bool = False) -> Console:
-    return Console(stderr=err, highlight=False)

@@ -67,8 +67,11 @@ def nested(snaps: list[Snapshot], sizes: dict[Ident, Usage | None]) -> list[dict
     def node(i: Ident, seen: frozenset[Ident]) -> dict[str, Any]:
         if i in missing:
             rec: dict[str, Any] = {
-                "runtime": i[0], "namespace": i[1], "snapshotter": i[2],
-                "key": escape_text(i[3]), "missing": True,
+                "runtime": i[0],
+                "namespace": i[1],
+                "snapshotter": i[2],
+                "key": escape_text(i[3]),
+                "missing": True,
             }
         else:
             u = sizes.get(i)
@@ -81,8 +84,9 @@ def nested(snaps: list[Snapshot], sizes: dict[Ident, Usage | None]) -> list[dict
     return [node(r, frozenset()) for r in roots]
 
 
-def _label(i: Ident, by_ident: dict[Ident, Snapshot], sizes: dict[Ident, Usage | None],
-           missing: set[Ident]) -> str:
+def _label(
+    i: Ident, by_ident: dict[Ident, Snapshot], sizes: dict[Ident, Usage | None], missing: set[Ident]
+) -> str:
     key = escape(escape_text(i[3]))
     if i in missing:
         return f"[red]{key}  (missing)[/red]"
@@ -98,7 +102,9 @@ def write_tree(snaps: list[Snapshot], sizes: dict[Ident, Usage | None]) -> None:
     groups: dict[tuple[str, str | None, str], list[Ident]] = defaultdict(list)
     for r in roots:
         groups[(r[0], r[1], r[2])].append(r)
-    console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 10**4)
+    console = Console(
+        file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 10**4
+    )
     for (runtime, ns, snapshotter), group_roots in groups.items():
         title = f"{runtime} {ns + ' ' if ns else ''}{snapshotter}"
         top = Tree(f"[bold]{escape(escape_text(title))}[/bold]")

@@ -19,6 +19,8 @@ from typing import Any
 
 def is_exact_text(text: str) -> bool:
     """True when ``text`` holds no undecodable bytes (no surrogate escapes)."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -39,6 +41,7 @@ def b64_of(text: str) -> str:
 
 
 def rfc3339(value: dt.datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, microseconds only when present."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
     value = value.astimezone(dt.UTC)
@@ -48,8 +51,11 @@ def rfc3339(value: dt.datetime) -> str:
 
 def to_jsonable(value: Any) -> Any:
     """A JSON-safe copy of ``value`` (dataclass, mapping, list, scalar)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return record(value)
+    kind = type(value)
+    if kind is str:
+        return value if is_exact_text(value) else escape_text(value)
+    if value is None or kind is int or kind is bool or kind is float:
+        return value
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, dt.datetime):
@@ -60,20 +66,32 @@ def to_jsonable(value: Any) -> Any:
         return {escape_text(str(k)): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [to_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return record(value)
     return value
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def record(obj: Any, **extra: Any) -> dict[str, Any]:
     """A dataclass as a JSON record, with ``<field>_b64`` for every non-UTF-8 string field."""
+    kind = type(obj)
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(obj))
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        add_field(out, f.name, getattr(obj, f.name))
+    for name in names:
+        add_field(out, name, getattr(obj, name))
     for name, value in extra.items():
         add_field(out, name, value)
     return out
 
 
 def add_field(out: dict[str, Any], name: str, value: Any) -> None:
+    if type(value) is str and is_exact_text(value):
+        out[name] = value
+        return
     out[name] = to_jsonable(value)
     if isinstance(value, str) and not is_exact_text(value):
         out[f"{name}_b64"] = b64_of(value)
