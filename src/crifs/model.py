@@ -66,6 +66,8 @@ class Snapshot:
     directory holding the layer's files (``…/snapshots/<id>/fs`` or ``…/overlay/<id>/diff``),
     or ``None`` when the snapshot has no directory of its own (a native View with a parent).
     ``stored_usage`` is the size the store recorded at commit time, when it records one.
+    ``details`` holds backend facts that have no common field, e.g. a c/storage layer's
+    ``diff_size`` (the uncompressed tar size, not disk usage), digests and mount count.
     """
 
     runtime: str
@@ -83,6 +85,7 @@ class Snapshot:
     stored_usage: Usage | None = None
     names: tuple[str, ...] = ()
     flags: Mapping[str, object] = field(default_factory=dict)
+    details: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
