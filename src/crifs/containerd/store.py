@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -44,13 +44,13 @@ from crifs.containerd.metadata import (
 from crifs.containerd.snapshotter import BackendRecord, SnapshotterDB, read_snapshotter_db
 from crifs.errors import CrifsError, NotFound, UnsafePath
 from crifs.fs.locks import PROC_LOCKS, lock_holders
+from crifs.fs.mounts import fs_type, root_info
 from crifs.fs.usage import disk_usage
 from crifs.model import (
     CONTAINERD,
     Container,
     Image,
     Mount,
-    RootInfo,
     Snapshot,
     SnapshotKind,
     StoreInfo,
@@ -59,11 +59,11 @@ from crifs.model import (
 
 FLAVOR_16, FLAVOR_17, FLAVOR_2X = "1.6", "1.7", "2.x"
 OVERLAY_INDEX_PARAM = "/sys/module/overlay/parameters/index"
-MOUNTINFO = "/proc/self/mountinfo"
 
 
-def resolve_config(root: str | os.PathLike[str] | None,
-                   config: str | os.PathLike[str] | None) -> ContainerdConfig:
+def resolve_config(
+    root: str | os.PathLike[str] | None, config: str | os.PathLike[str] | None
+) -> ContainerdConfig:
     """The configuration that governs ``root``.
 
     An explicit ``config`` is always read. Otherwise the default ``/etc/containerd/config.toml``
@@ -84,8 +84,9 @@ def resolve_config(root: str | os.PathLike[str] | None,
     return ContainerdConfig()
 
 
-def detect(root: str | os.PathLike[str] | None = None,
-           config: str | os.PathLike[str] | None = None) -> bool:
+def detect(
+    root: str | os.PathLike[str] | None = None, config: str | os.PathLike[str] | None = None
+) -> bool:
     """True when ``root`` (or the configured/default root) holds a containerd ``meta.db``."""
     try:
         cfg = resolve_config(root, config)
@@ -95,13 +96,17 @@ def detect(root: str | os.PathLike[str] | None = None,
     return os.path.isfile(os.path.join(base, schema.METADATA_PLUGIN_DIR, schema.META_DB))
 
 
-def open_store(root: str | os.PathLike[str] | None = None,
-               state: str | os.PathLike[str] | None = None,
-               config: str | os.PathLike[str] | None = None,
-               *, containerd_version: str | None = None) -> ContainerdStore:
+def open_store(
+    root: str | os.PathLike[str] | None = None,
+    state: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+    *,
+    containerd_version: str | None = None,
+) -> ContainerdStore:
     """Open the containerd store at ``root`` (see :meth:`ContainerdStore.open`)."""
-    return ContainerdStore.open(root=root, state=state, config=config,
-                                containerd_version=containerd_version)
+    return ContainerdStore.open(
+        root=root, state=state, config=config, containerd_version=containerd_version
+    )
 
 
 class ContainerdStore:
@@ -109,9 +114,16 @@ class ContainerdStore:
 
     runtime = CONTAINERD
 
-    def __init__(self, config: ContainerdConfig, root: str, state: str | None, meta: MetaDB,
-                 snapshotters: dict[str, SnapshotterDB], unsupported: tuple[str, ...],
-                 containerd_version: str | None = None) -> None:
+    def __init__(
+        self,
+        config: ContainerdConfig,
+        root: str,
+        state: str | None,
+        meta: MetaDB,
+        snapshotters: dict[str, SnapshotterDB],
+        unsupported: tuple[str, ...],
+        containerd_version: str | None = None,
+    ) -> None:
         self.config = config
         self.root = Path(root)
         self.state = Path(state) if state is not None else None
@@ -124,10 +136,14 @@ class ContainerdStore:
         self._walkers: dict[str, ImageWalker] = {}
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str] | None = None,
-             state: str | os.PathLike[str] | None = None,
-             config: str | os.PathLike[str] | None = None,
-             *, containerd_version: str | None = None) -> ContainerdStore:
+    def open(
+        cls,
+        root: str | os.PathLike[str] | None = None,
+        state: str | os.PathLike[str] | None = None,
+        config: str | os.PathLike[str] | None = None,
+        *,
+        containerd_version: str | None = None,
+    ) -> ContainerdStore:
         """Read the store. ``root``/``state`` default to the config's (``/var/lib/containerd``,
         ``/run/containerd``). Raises ``NotFound`` for a missing root or ``meta.db``,
         ``CorruptStore`` naming the file for an undecodable DB, ``BadInput`` for a bad config.
@@ -154,13 +170,14 @@ class ContainerdStore:
             if os.path.lexists(os.path.join(ss_root, schema.SNAPSHOTTER_DB)):
                 snapshotters[name] = read_snapshotter_db(name, ss_root)
         unsupported = tuple(
-            name for name in _snapshotter_dirs(root_path)
+            name
+            for name in _snapshotter_dirs(root_path)
             if name not in schema.SUPPORTED_SNAPSHOTTERS
-            and os.path.isfile(os.path.join(root_path, schema.snapshotter_dir(name),
-                                            schema.SNAPSHOTTER_DB))
+            and os.path.isfile(
+                os.path.join(root_path, schema.snapshotter_dir(name), schema.SNAPSHOTTER_DB)
+            )
         )
-        return cls(cfg, root_path, state_path, meta, snapshotters, unsupported,
-                   containerd_version)
+        return cls(cfg, root_path, state_path, meta, snapshotters, unsupported, containerd_version)
 
     # -- raw records (cheap views of the one read) --------------------------------------------
 
@@ -187,8 +204,9 @@ class ContainerdStore:
         elif namespace in self.meta.namespaces:
             yield namespace
 
-    def snapshot_records(self, namespace: str | None = None,
-                         snapshotter: str | None = None) -> list[SnapshotRecord]:
+    def snapshot_records(
+        self, namespace: str | None = None, snapshotter: str | None = None
+    ) -> list[SnapshotRecord]:
         out: list[SnapshotRecord] = []
         for ns in self._namespaces(namespace):
             for ss, records in self.meta.namespaces[ns].snapshots.items():
@@ -200,12 +218,14 @@ class ContainerdStore:
         return [i for ns in self._namespaces(namespace) for i in self.meta.namespaces[ns].images]
 
     def container_records(self, namespace: str | None = None) -> list[ContainerRecord]:
-        return [c for ns in self._namespaces(namespace)
-                for c in self.meta.namespaces[ns].containers]
+        return [
+            c for ns in self._namespaces(namespace) for c in self.meta.namespaces[ns].containers
+        ]
 
     def content_blobs(self, namespace: str | None = None) -> list[BlobRecord]:
-        return [b for ns in self._namespaces(namespace)
-                for b in self.meta.namespaces[ns].blobs.values()]
+        return [
+            b for ns in self._namespaces(namespace) for b in self.meta.namespaces[ns].blobs.values()
+        ]
 
     def ingests(self, namespace: str | None = None) -> list[IngestRecord]:
         return [i for ns in self._namespaces(namespace) for i in self.meta.namespaces[ns].ingests]
@@ -219,10 +239,12 @@ class ContainerdStore:
 
     def sandboxes(self, namespace: str | None = None) -> list[SandboxRecord]:
         """Sandboxes under ``v1`` (2.x) and at the bolt root (1.7)."""
-        found = [x for ns in self._namespaces(namespace)
-                 for x in self.meta.namespaces[ns].sandboxes]
-        return found + [x for x in self.meta.root_sandboxes
-                        if namespace is None or x.namespace == namespace]
+        found = [
+            x for ns in self._namespaces(namespace) for x in self.meta.namespaces[ns].sandboxes
+        ]
+        return found + [
+            x for x in self.meta.root_sandboxes if namespace is None or x.namespace == namespace
+        ]
 
     def backend_records(self, snapshotter: str) -> list[BackendRecord]:
         """Records in ``snapshotter``'s ``metadata.db`` that no ``meta.db`` record names
@@ -230,8 +252,12 @@ class ContainerdStore:
         db = self._snapshotters.get(snapshotter)
         if db is None:
             return []
-        named = {r.name for ns in self.meta.namespaces.values()
-                 for r in ns.snapshots.get(snapshotter, ()) if r.name}
+        named = {
+            r.name
+            for ns in self.meta.namespaces.values()
+            for r in ns.snapshots.get(snapshotter, ())
+            if r.name
+        }
         return [r for key, r in db.records.items() if key not in named]
 
     # -- the Store protocol ------------------------------------------------------------------
@@ -239,13 +265,17 @@ class ContainerdStore:
     def namespaces(self) -> list[str]:
         return sorted(self.meta.namespaces)
 
-    def snapshots(self, namespace: str | None = None,
-                  snapshotter: str | None = None) -> list[Snapshot]:
+    def snapshots(
+        self, namespace: str | None = None, snapshotter: str | None = None
+    ) -> list[Snapshot]:
         if namespace is None and snapshotter is None:
             return list(self._all_snapshots)
-        return [x for x in self._all_snapshots
-                if (namespace is None or x.namespace == namespace)
-                and (snapshotter is None or x.snapshotter == snapshotter)]
+        return [
+            x
+            for x in self._all_snapshots
+            if (namespace is None or x.namespace == namespace)
+            and (snapshotter is None or x.snapshotter == snapshotter)
+        ]
 
     @cached_property
     def _all_snapshots(self) -> list[Snapshot]:
@@ -256,9 +286,16 @@ class ContainerdStore:
         backend = db.records.get(r.name) if db is not None and r.name else None
         if db is None or backend is None:
             return Snapshot(
-                runtime=CONTAINERD, key=r.key, kind=SnapshotKind.UNKNOWN,
-                snapshotter=r.snapshotter, namespace=r.namespace, parent=r.parent,
-                backend_key=r.name, labels=r.labels, created=r.created, updated=r.updated,
+                runtime=CONTAINERD,
+                key=r.key,
+                kind=SnapshotKind.UNKNOWN,
+                snapshotter=r.snapshotter,
+                namespace=r.namespace,
+                parent=r.parent,
+                backend_key=r.name,
+                labels=r.labels,
+                created=r.created,
+                updated=r.updated,
                 flags={"backend_missing": True},
             )
         labels = {**backend.labels, **r.labels} if backend.labels else r.labels
@@ -266,22 +303,36 @@ class ContainerdStore:
         if backend.kind is SnapshotKind.COMMITTED:
             stored = Usage(disk_bytes=backend.size or 0, inodes=backend.inodes or 0)
         return Snapshot(
-            runtime=CONTAINERD, key=r.key, kind=backend.kind, snapshotter=r.snapshotter,
-            namespace=r.namespace, parent=r.parent,
+            runtime=CONTAINERD,
+            key=r.key,
+            kind=backend.kind,
+            snapshotter=r.snapshotter,
+            namespace=r.namespace,
+            parent=r.parent,
             id=str(backend.id) if backend.id is not None else None,
-            backend_key=r.name, path=db.own_dir(backend), labels=labels,
-            created=r.created, updated=r.updated, stored_usage=stored,
+            backend_key=r.name,
+            path=db.own_dir(backend),
+            labels=labels,
+            created=r.created,
+            updated=r.updated,
+            stored_usage=stored,
         )
 
     def _backend(self, snapshot: Snapshot) -> tuple[SnapshotterDB, BackendRecord]:
         db = self._snapshotters.get(snapshot.snapshotter)
         if db is None:
-            raise NotFound(f"snapshot {snapshot.key}: snapshotter {snapshot.snapshotter!r} has "
-                           "no metadata.db crifs can read", path=str(self.root))
+            raise NotFound(
+                f"snapshot {snapshot.key}: snapshotter {snapshot.snapshotter!r} has "
+                "no metadata.db crifs can read",
+                path=str(self.root),
+            )
         backend = db.records.get(snapshot.backend_key or "")
         if backend is None:
-            raise NotFound(f"snapshot {snapshot.key}: no record {snapshot.backend_key!r} in the "
-                           "snapshotter database", path=db.db_path)
+            raise NotFound(
+                f"snapshot {snapshot.key}: no record {snapshot.backend_key!r} in the "
+                "snapshotter database",
+                path=db.db_path,
+            )
         return db, backend
 
     def usage(self, snapshot: Snapshot) -> Usage:
@@ -338,8 +389,7 @@ class ContainerdStore:
         walker = walkers.get(namespace)
         if walker is None:
             blobs = self.meta.namespaces[namespace].blobs
-            walker = walkers[namespace] = ImageWalker(self._content, blobs.__contains__,
-                                                      self._host)
+            walker = walkers[namespace] = ImageWalker(self._content, blobs.__contains__, self._host)
         return walker
 
     def _image(self, r: ImageRecord) -> Image:
@@ -357,21 +407,38 @@ class ContainerdStore:
             config = walker.config(target)
             if config is not None:
                 image_id = config.digest
-                top_layer = _top_chain_id(self._content.read_json(config.digest)
-                                          if walker.available(config.digest) else None)
+                top_layer = _top_chain_id(
+                    self._content.read_json(config.digest)
+                    if walker.available(config.digest)
+                    else None
+                )
         return Image(
-            runtime=CONTAINERD, name=r.name, id=image_id, namespace=r.namespace,
-            digest=t.digest if t else None, media_type=t.media_type if t else None,
-            size_bytes=size, platforms=platforms, top_layer=top_layer, labels=r.labels,
-            created=r.created, updated=r.updated,
+            runtime=CONTAINERD,
+            name=r.name,
+            id=image_id,
+            namespace=r.namespace,
+            digest=t.digest if t else None,
+            media_type=t.media_type if t else None,
+            size_bytes=size,
+            platforms=platforms,
+            top_layer=top_layer,
+            labels=r.labels,
+            created=r.created,
+            updated=r.updated,
         )
 
     def containers(self, namespace: str | None = None) -> list[Container]:
         return [
             Container(
-                runtime=CONTAINERD, id=c.id, image=c.image, namespace=c.namespace,
-                runtime_name=c.runtime_name or None, snapshotter=c.snapshotter or None,
-                snapshot_key=c.snapshot_key or None, labels=c.labels, created=c.created,
+                runtime=CONTAINERD,
+                id=c.id,
+                image=c.image,
+                namespace=c.namespace,
+                runtime_name=c.runtime_name or None,
+                snapshotter=c.snapshotter or None,
+                snapshot_key=c.snapshot_key or None,
+                labels=c.labels,
+                created=c.created,
                 updated=c.updated,
             )
             for c in self.container_records(namespace)
@@ -452,9 +519,12 @@ def _snapshotter_root(cfg: ContainerdConfig, root: str, name: str) -> str:
 def _snapshotter_dirs(root: str) -> list[str]:
     try:
         with os.scandir(root) as it:
-            return sorted(e.name.removeprefix(schema.SNAPSHOTTER_DIR_PREFIX) for e in it
-                          if e.name.startswith(schema.SNAPSHOTTER_DIR_PREFIX)
-                          and e.is_dir(follow_symlinks=False))
+            return sorted(
+                e.name.removeprefix(schema.SNAPSHOTTER_DIR_PREFIX)
+                for e in it
+                if e.name.startswith(schema.SNAPSHOTTER_DIR_PREFIX)
+                and e.is_dir(follow_symlinks=False)
+            )
     except OSError:
         return []
 
@@ -481,8 +551,11 @@ def _top_chain_id(config: object) -> str | None:
     for diff_id in diff_ids:
         if not isinstance(diff_id, str):
             return None
-        chain = diff_id if chain is None else (
-            "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest())
+        chain = (
+            diff_id
+            if chain is None
+            else ("sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest())
+        )
     return chain
 
 
@@ -492,7 +565,7 @@ def _needs_userxattr(overlay_root: str) -> bool:
     only on kernels >= 5.11."""
     if not _in_user_namespace():
         return False
-    if _fs_type(overlay_root) == "tmpfs":
+    if fs_type(overlay_root) == "tmpfs":
         return False
     release = platform.release().split(".")
     try:
@@ -508,72 +581,3 @@ def _in_user_namespace() -> bool:
     except OSError:
         return False
     return fields != ["0", "0", "4294967295"]
-
-
-def _mount_points() -> list[tuple[str, str]]:
-    """``(mount point, fs type)`` from /proc/self/mountinfo, in file order."""
-    out: list[tuple[str, str]] = []
-    try:
-        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-")
-        except ValueError:
-            continue
-        if len(fields) > sep + 1 and len(fields) > 4:
-            out.append((_unescape(fields[4]), fields[sep + 1]))
-    return out
-
-
-def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \ooo.
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def _fs_type(path: str, mounts: Iterable[tuple[str, str]] | None = None) -> str | None:
-    """Filesystem type of the longest mount point containing ``path`` (later mounts win)."""
-    best: tuple[int, str] | None = None
-    for point, fstype in mounts if mounts is not None else _mount_points():
-        inside = path == point or point == "/" or path.startswith(point + "/")
-        if inside and (best is None or len(point) >= best[0]):
-            best = (len(point), fstype)
-    return best[1] if best else None
-
-
-def root_info(path: str) -> RootInfo:
-    """Where ``path`` is, whether it is a symlink, its filesystem and free space."""
-    exists = os.path.exists(path)
-    is_link = os.path.islink(path)
-    target = None
-    if is_link:
-        try:
-            target = os.readlink(path)
-        except OSError:
-            target = None
-    resolved = os.path.realpath(path) if exists or is_link else None
-    free = total = None
-    if exists:
-        try:
-            st = os.statvfs(path)
-            free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        except OSError:
-            pass
-    return RootInfo(
-        path=path, exists=exists, is_symlink=is_link, symlink_target=target,
-        resolved=resolved, fs_type=_fs_type(resolved) if exists and resolved else None,
-        free_bytes=free, total_bytes=total,
-    )

@@ -35,7 +35,6 @@ import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from crifs.containerd.store import root_info
 from crifs.cstorage import overlay
 from crifs.cstorage.config import StorageConfig, load_config
 from crifs.cstorage.locks import DEFAULT_TIMEOUT_S, read_locks
@@ -53,6 +52,7 @@ from crifs.cstorage.records import (
 )
 from crifs.errors import CorruptStore, CrifsError, NotFound, UnsafePath, Unsupported
 from crifs.fs.locks import lock_holders
+from crifs.fs.mounts import root_info
 from crifs.fs.usage import disk_usage
 from crifs.model import (
     CSTORAGE,
