@@ -55,6 +55,8 @@ PAGE_HEADER = struct.Struct("<QHHI")
 META_BODY = struct.Struct("<IIIIQQQQQQ")
 BUCKET_HEADER = struct.Struct("<QQ")
 ELEMENT_SIZE = 16
+PAGE_HEADER_SIZE = 16  # PAGE_HEADER.size, as a constant for the hot loops
+BUCKET_HEADER_SIZE = 16
 META_CHECKSUMMED_BYTES = 56  # the meta body up to, not including, its checksum field
 
 # bbolt probes the second meta at 1024 << i for i < 15 when the first is unreadable.
@@ -386,7 +388,7 @@ class _Decoder:
             raise self._corrupt(
                 f"page {pgid}: overflow {overflow} runs past the end of the file ({size} bytes)"
             )
-        if PAGE_HEADER.size + count * ELEMENT_SIZE > span:
+        if PAGE_HEADER_SIZE + count * ELEMENT_SIZE > span:
             raise self._corrupt(f"page {pgid}: {count} elements do not fit in the page")
         seen = self.seen
         for claimed in range(pgid, last + 1):
@@ -406,12 +408,12 @@ class _Decoder:
             offset, end, flags, count = self._page(pgid, referrer)
             where: _Where = pgid
             if flags == LEAF_PAGE:
-                last_key = self._leaf(offset + PAGE_HEADER.size, end, count, entries,
+                last_key = self._leaf(offset + PAGE_HEADER_SIZE, end, count, entries,
                                       where, last_key, depth)
                 continue
-            fields = _branch_struct(count).unpack_from(data, offset + PAGE_HEADER.size)
+            fields = _branch_struct(count).unpack_from(data, offset + PAGE_HEADER_SIZE)
             children: list[tuple[int, _Where]] = []
-            element = offset + PAGE_HEADER.size
+            element = offset + PAGE_HEADER_SIZE
             for index in range(count):
                 pos, ksize, child = fields[3 * index : 3 * index + 3]
                 if element + pos + ksize > end:
@@ -438,7 +440,7 @@ class _Decoder:
         data = self.data
         fields = iter(_leaf_struct(count).unpack_from(data, elements))
         element = elements
-        for flags, pos, ksize, vsize in zip(fields, fields, fields, fields, strict=True):
+        for flags, pos, ksize, vsize in zip(fields, fields, fields, fields, strict=False):
             key_end = element + pos + ksize
             value_end = key_end + vsize
             if value_end > limit:
@@ -457,7 +459,7 @@ class _Decoder:
 
     def _bucket(self, start: int, end: int, key: bytes, where: _Where, depth: int) -> Bucket:
         """Decode the bucket whose header and optional inline page are ``data[start:end]``."""
-        if depth > MAX_BUCKET_DEPTH or end - start < BUCKET_HEADER.size:
+        if depth > MAX_BUCKET_DEPTH or end - start < BUCKET_HEADER_SIZE:
             label = f"{_place(where)}: bucket {_show(key)}"
             if depth > MAX_BUCKET_DEPTH:
                 raise self._corrupt(f"{label} is nested deeper than {MAX_BUCKET_DEPTH} buckets")
@@ -468,8 +470,8 @@ class _Decoder:
         root, sequence = BUCKET_HEADER.unpack_from(data, start)
         if root != 0:
             return Bucket(self._tree(root, (where, "bucket", key), depth), sequence, root)
-        page = start + BUCKET_HEADER.size
-        elements = page + PAGE_HEADER.size
+        page = start + BUCKET_HEADER_SIZE
+        elements = page + PAGE_HEADER_SIZE
         if elements > end:
             raise self._corrupt(
                 f"{_place(where)}: bucket {_show(key)} is inline but too short for a page header"
