@@ -7,6 +7,7 @@ usage (one line on stderr naming the file and the problem), 8 a bug in crifs.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -87,6 +88,9 @@ _register()
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run crifs with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    # A command builds its objects once and exits: the cyclic collector would only re-scan
+    # them (20% of a 10,000-snapshot listing), so it stays off for the command's lifetime.
+    gc.disable()
     command = typer.main.get_command(app)
     try:
         result = command.main(
