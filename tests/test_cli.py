@@ -208,3 +208,26 @@ def test_demo_runs_the_inventory(tmp_path, capsys):
     assert "demo.example/web:1.0" in out and "mount -t overlay" in out
     code, _, err = run(capsys, "demo", "--dir", str(tmp_path / "d"))
     assert code == 2 and "not empty" in err
+
+
+def test_global_options_are_hoisted_in_every_spelling():
+    from crifs.cli.common import hoist_global_options
+
+    argv = ["snapshots", "ls", "--root=/a", "-ojson", "-n", "k8s.io", "--snapshotter", "x",
+            "--", "-o", "yaml"]
+    assert hoist_global_options(argv) == [
+        "--root=/a", "-ojson", "-n", "k8s.io", "snapshots", "ls", "--snapshotter", "x",
+        "--", "-o", "yaml",
+    ]
+
+
+def test_no_arguments_prints_help(capsys):
+    code, out, err = run(capsys)
+    assert code in (0, 2) and "Usage" in out + err
+
+
+def test_usage_errors_exit_2_with_one_line(capsys):
+    code, out, err = run(capsys, "snapshots", "ls", "--bogus")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--bogus" in err
+    code, out, err = run(capsys, "-o", "xml", "images", "ls")
+    assert code == 2 and "xml" in err and err.count("\n") == 1

@@ -1,8 +1,8 @@
 """Options every command shares, defined once, and the glue from options to stores.
 
-Selection options (``--runtime``, ``--root``, ``--runroot``, ``--state``, ``--config``) and the
-output format may be given before the verb (``crifs --root R snapshots ls``) or after it
-(``crifs snapshots ls --root R``); the later one wins.
+Global options (selection, namespace, output format) are declared once, on the root command.
+A user may also type them after the verb (``crifs snapshots ls --root R -o json``), as podman
+allows: ``hoist_global_options`` moves them in front before parsing, so no command repeats them.
 """
 
 from __future__ import annotations
@@ -18,31 +18,94 @@ from crifs.stores import Selection, open_stores
 
 RuntimeOpt = Annotated[
     str | None,
-    typer.Option("--runtime", help="containerd, cstorage or auto (every store found)."),
+    typer.Option(
+        "--runtime", metavar="RUNTIME", help="containerd, cstorage or auto (every store found)."
+    ),
 ]
 RootOpt = Annotated[
     str | None,
     typer.Option(
-        "--root", help="Storage root: containerd root dir or containers/storage graphroot."
+        "--root",
+        metavar="PATH",
+        help="Storage root: containerd root dir or containers/storage graphroot.",
     ),
 ]
-RunrootOpt = Annotated[str | None, typer.Option("--runroot", help="containers/storage runroot.")]
-StateOpt = Annotated[str | None, typer.Option("--state", help="containerd state dir.")]
+RunrootOpt = Annotated[
+    str | None, typer.Option("--runroot", metavar="PATH", help="containers/storage runroot.")
+]
+StateOpt = Annotated[
+    str | None, typer.Option("--state", metavar="PATH", help="containerd state dir.")
+]
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", help="containerd config.toml or containers storage.conf."),
+    typer.Option(
+        "--config", metavar="FILE", help="containerd config.toml or containers storage.conf."
+    ),
 ]
 OutputOpt = Annotated[
     Format | None, typer.Option("--output", "-o", help="Output format.", case_sensitive=False)
 ]
 NamespaceOpt = Annotated[
     str | None,
-    typer.Option("--namespace", "-n", help="containerd namespace (default: all)."),
+    typer.Option("--namespace", "-n", metavar="NS", help="containerd namespace (default: all)."),
 ]
 SnapshotterOpt = Annotated[
     str | None,
-    typer.Option("--snapshotter", help="Only this snapshotter/driver (default: all)."),
+    typer.Option(
+        "--snapshotter", metavar="NAME", help="Only this snapshotter/driver (default: all)."
+    ),
 ]
+
+
+# Options of the root command that take a value, by every spelling.
+GLOBAL_VALUE_OPTIONS = frozenset(
+    {
+        "--runtime",
+        "--root",
+        "--runroot",
+        "--state",
+        "--config",
+        "-n",
+        "--namespace",
+        "-o",
+        "--output",
+        "--lock-timeout",
+    }
+)
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """``argv`` with every global option (and its value) moved before the first verb.
+
+    Later occurrences stay later, so the last one given still wins. Nothing after ``--`` moves.
+    """
+    hoisted: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if name in GLOBAL_VALUE_OPTIONS:
+            takes_next = "=" not in arg and i + 1 < len(argv)
+            hoisted.extend(argv[i : i + (2 if takes_next else 1)])
+            i += 2 if takes_next else 1
+            continue
+        if arg.startswith(("-n", "-o")) and len(arg) > 2 and not arg.startswith("--"):
+            hoisted.append(arg)  # -nk8s.io, -ojson
+            i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    return hoisted + rest
+
+
+GLOBAL_EPILOG = (
+    "Global options (--runtime, --root, --runroot, --state, --config, -n/--namespace, "
+    "-o/--output, --lock-timeout) may be given here too; see crifs --help."
+)
 
 
 @dataclasses.dataclass
@@ -57,35 +120,6 @@ def globals_of(ctx: typer.Context) -> Globals:
     if not isinstance(root.obj, Globals):
         root.obj = Globals()
     return root.obj
-
-
-def resolve(
-    ctx: typer.Context,
-    *,
-    runtime: str | None = None,
-    root: str | None = None,
-    runroot: str | None = None,
-    state: str | None = None,
-    config: str | None = None,
-    output: Format | None = None,
-    namespace: str | None = None,
-) -> Globals:
-    """Globals with the command's own options laid over the ones given before the verb."""
-    g = globals_of(ctx)
-    base = g.selection
-    selection = dataclasses.replace(
-        base,
-        runtime=runtime if runtime is not None else base.runtime,
-        root=root if root is not None else base.root,
-        runroot=runroot if runroot is not None else base.runroot,
-        state=state if state is not None else base.state,
-        config=config if config is not None else base.config,
-    )
-    return Globals(
-        selection=selection,
-        output=output or g.output,
-        namespace=namespace if namespace is not None else g.namespace,
-    )
 
 
 def stores_of(g: Globals) -> list[Store]:

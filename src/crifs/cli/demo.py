@@ -9,7 +9,8 @@ import typer
 
 def demo(
     directory: Annotated[
-        str | None, typer.Option("--dir", help="Build the sandbox here (default: a temp dir).")
+        str | None,
+        typer.Option("--dir", metavar="DIR", help="Build the sandbox here (default: a temp dir)."),
     ] = None,
 ) -> None:
     """Build a sandbox containerd + containers/storage store and run the inventory on it."""

@@ -5,13 +5,7 @@ from __future__ import annotations
 import typer
 
 from crifs.cli.common import (
-    ConfigOpt,
-    OutputOpt,
-    RootOpt,
-    RunrootOpt,
-    RuntimeOpt,
-    StateOpt,
-    resolve,
+    globals_of,
     stores_of,
 )
 from crifs.model import RootInfo, StoreInfo
@@ -21,17 +15,9 @@ from crifs.report.values import human_size, record
 
 def info(
     ctx: typer.Context,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """Runtimes and roots found, drivers, filesystem, free space, daemon, counts and sizes."""
-    g = resolve(
-        ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config, output=output
-    )
+    g = globals_of(ctx)
     infos = [st.info() for st in stores_of(g)]
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
         write_document(

@@ -5,14 +5,8 @@ from __future__ import annotations
 import typer
 
 from crifs.cli.common import (
-    ConfigOpt,
-    NamespaceOpt,
-    OutputOpt,
-    RootOpt,
-    RunrootOpt,
-    RuntimeOpt,
-    StateOpt,
-    resolve,
+    GLOBAL_EPILOG,
+    globals_of,
     stores_of,
 )
 from crifs.report.output import Format, Table, document, write_document
@@ -23,28 +17,12 @@ containers_app = typer.Typer(help="Container records.", no_args_is_help=True)
 namespaces_app = typer.Typer(help="containerd namespaces.", no_args_is_help=True)
 
 
-@images_app.command("ls")
+@images_app.command("ls", epilog=GLOBAL_EPILOG)
 def images_ls(
     ctx: typer.Context,
-    namespace: NamespaceOpt = None,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """List images: name, type, digest, size and platforms, as ctr/podman show them."""
-    g = resolve(
-        ctx,
-        runtime=runtime,
-        root=root,
-        runroot=runroot,
-        state=state,
-        config=config,
-        output=output,
-        namespace=namespace,
-    )
+    g = globals_of(ctx)
     images = [i for st in stores_of(g) for i in st.images(g.namespace)]
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
         write_document(
@@ -73,28 +51,12 @@ def images_ls(
     table.render()
 
 
-@containers_app.command("ls")
+@containers_app.command("ls", epilog=GLOBAL_EPILOG)
 def containers_ls(
     ctx: typer.Context,
-    namespace: NamespaceOpt = None,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """List containers with their image and rootfs snapshot."""
-    g = resolve(
-        ctx,
-        runtime=runtime,
-        root=root,
-        runroot=runroot,
-        state=state,
-        config=config,
-        output=output,
-        namespace=namespace,
-    )
+    g = globals_of(ctx)
     containers = [c for st in stores_of(g) for c in st.containers(g.namespace)]
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
         write_document(
@@ -122,20 +84,12 @@ def containers_ls(
     table.render()
 
 
-@namespaces_app.command("ls")
+@namespaces_app.command("ls", epilog=GLOBAL_EPILOG)
 def namespaces_ls(
     ctx: typer.Context,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """List containerd namespaces."""
-    g = resolve(
-        ctx, runtime=runtime, root=root, runroot=runroot, state=state, config=config, output=output
-    )
+    g = globals_of(ctx)
     rows = [(st.runtime, ns) for st in stores_of(g) for ns in st.namespaces()]
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
         recs = [{"runtime": rt, "name": ns} for rt, ns in rows]

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 from typing import Annotated
 
-import click
 import typer
 
 from crifs import __version__
@@ -43,7 +42,7 @@ def _version(value: bool) -> None:
 def _globals(
     ctx: typer.Context,
     runtime: Annotated[
-        str, typer.Option("--runtime", help="containerd, cstorage or auto.")
+        str, typer.Option("--runtime", metavar="RUNTIME", help="containerd, cstorage or auto.")
     ] = "auto",
     root: RootOpt = None,
     runroot: RunrootOpt = None,
@@ -52,7 +51,10 @@ def _globals(
     namespace: NamespaceOpt = None,
     output: OutputOpt = None,
     lock_timeout: Annotated[
-        float, typer.Option("--lock-timeout", help="Seconds to wait for a store's read locks.")
+        float,
+        typer.Option(
+            "--lock-timeout", metavar="SECONDS", help="Seconds to wait for a store's read locks."
+        ),
     ] = 10.0,
     version: Annotated[
         bool | None, typer.Option("--version", callback=_version, is_eager=True)
@@ -79,7 +81,7 @@ def _register() -> None:
     app.add_typer(inventory.images_app, name="images")
     app.add_typer(inventory.containers_app, name="containers")
     app.add_typer(inventory.namespaces_app, name="namespaces")
-    app.command("info")(info.info)
+    app.command("info", epilog=common.GLOBAL_EPILOG)(info.info)
     app.command("demo")(demo.demo)
 
 
@@ -94,19 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(
-            args=list(sys.argv[1:] if argv is None else argv),
+            args=common.hoist_global_options(list(sys.argv[1:] if argv is None else argv)),
             prog_name="crifs",
             standalone_mode=False,
         )
     except CrifsError as err:
         _error(str(err))
         return err.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         _error("aborted")
         return 130
-    except click.ClickException as err:
-        _error(err.format_message())
-        return 2
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
@@ -114,12 +113,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output was cut short by the reader (``| head``): not an error of ours.
         sys.stderr.close()
         return 0
-    except Exception as err:  # a bug: say so in one line unless asked for the traceback
+    except Exception as err:
+        usage = _usage_error(err)
+        if usage is not None:
+            print(usage, file=sys.stderr)
+            return 2
+        # A bug: say so in one line unless asked for the traceback.
         if os.environ.get("CRIFS_DEBUG"):
             raise
         _error(f"internal error: {type(err).__name__}: {err} (set CRIFS_DEBUG=1 for a traceback)")
         return 8
     return result if isinstance(result, int) else 0
+
+
+def _usage_error(err: Exception) -> str | None:
+    """The message for a command-line usage error, or None if ``err`` is not one.
+
+    Recognised by shape: typer vendors its own copy of click, so its exception classes differ
+    between typer versions and cannot be imported from one stable place.
+    """
+    format_message = getattr(err, "format_message", None)
+    if format_message is None or not hasattr(err, "exit_code"):
+        return None
+    if type(err).__name__ == "NoArgsIsHelpError":
+        return str(format_message())  # the help text itself
+    return f"crifs: {format_message()} (see crifs --help)"
 
 
 def _error(message: str) -> None:

@@ -7,15 +7,9 @@ from typing import Annotated
 import typer
 
 from crifs.cli.common import (
-    ConfigOpt,
-    NamespaceOpt,
-    OutputOpt,
-    RootOpt,
-    RunrootOpt,
-    RuntimeOpt,
+    GLOBAL_EPILOG,
     SnapshotterOpt,
-    StateOpt,
-    resolve,
+    globals_of,
     stores_of,
 )
 from crifs.errors import BadInput, NotFound
@@ -61,29 +55,13 @@ def _columns(pairs: list[tuple[Store, Snapshot]]) -> tuple[bool, bool, bool]:
     return len(runtimes) > 1, namespaces != {None}, len(snapshotters) > 1
 
 
-@app.command("ls")
+@app.command("ls", epilog=GLOBAL_EPILOG)
 def ls(
     ctx: typer.Context,
-    namespace: NamespaceOpt = None,
     snapshotter: SnapshotterOpt = None,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """List snapshots: KEY PARENT KIND, as ctr snapshots ls does, for every namespace."""
-    g = resolve(
-        ctx,
-        runtime=runtime,
-        root=root,
-        runroot=runroot,
-        state=state,
-        config=config,
-        output=output,
-        namespace=namespace,
-    )
+    g = globals_of(ctx)
     pairs = _listing(stores_of(g), g.namespace, snapshotter)
     if g.output in (Format.JSON, Format.YAML):
         recs = [record(s) for _, s in pairs]
@@ -111,29 +89,13 @@ def ls(
     table.render()
 
 
-@app.command("tree")
+@app.command("tree", epilog=GLOBAL_EPILOG)
 def tree(
     ctx: typer.Context,
-    namespace: NamespaceOpt = None,
     snapshotter: SnapshotterOpt = None,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """Show the parent links as a tree, with each snapshot's own size."""
-    g = resolve(
-        ctx,
-        runtime=runtime,
-        root=root,
-        runroot=runroot,
-        state=state,
-        config=config,
-        output=output,
-        namespace=namespace,
-    )
+    g = globals_of(ctx)
     pairs = _listing(stores_of(g), g.namespace, snapshotter)
     sizes = tree_report.usages(pairs)
     snaps = [s for _, s in pairs]
@@ -147,30 +109,14 @@ def tree(
         tree_report.write_tree(snaps, sizes)
 
 
-@app.command("info")
+@app.command("info", epilog=GLOBAL_EPILOG)
 def info(
     ctx: typer.Context,
     key: KeyArg,
-    namespace: NamespaceOpt = None,
     snapshotter: SnapshotterOpt = None,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """Everything recorded about one snapshot."""
-    g = resolve(
-        ctx,
-        runtime=runtime,
-        root=root,
-        runroot=runroot,
-        state=state,
-        config=config,
-        output=output,
-        namespace=namespace,
-    )
+    g = globals_of(ctx)
     _, snap = _one(stores_of(g), key, g.namespace, snapshotter)
     if g.output in (Format.JSON, Format.YAML):
         write_document(document("snapshots", "snapshots", [record(snap)]), g.output)
@@ -187,31 +133,15 @@ def info(
     table.render()
 
 
-@app.command("usage")
+@app.command("usage", epilog=GLOBAL_EPILOG)
 def usage(
     ctx: typer.Context,
     keys: Annotated[list[str] | None, typer.Argument(help="Keys (default: all).")] = None,
     raw_bytes: Annotated[bool, typer.Option("--bytes", "-b", help="Sizes in bytes.")] = False,
-    namespace: NamespaceOpt = None,
     snapshotter: SnapshotterOpt = None,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """Disk usage of each snapshot's own directory: measured for active, stored for committed."""
-    g = resolve(
-        ctx,
-        runtime=runtime,
-        root=root,
-        runroot=runroot,
-        state=state,
-        config=config,
-        output=output,
-        namespace=namespace,
-    )
+    g = globals_of(ctx)
     stores = stores_of(g)
     if keys:
         pairs = [_one(stores, k, g.namespace, snapshotter) for k in keys]
@@ -240,31 +170,15 @@ def usage(
     table.render()
 
 
-@app.command("mounts")
+@app.command("mounts", epilog=GLOBAL_EPILOG)
 def mounts(
     ctx: typer.Context,
     key: KeyArg,
     target: Annotated[str, typer.Argument(help="Where the mount would go.")],
-    namespace: NamespaceOpt = None,
     snapshotter: SnapshotterOpt = None,
-    output: OutputOpt = None,
-    runtime: RuntimeOpt = None,
-    root: RootOpt = None,
-    runroot: RunrootOpt = None,
-    state: StateOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """Print the mount command the runtime would run for KEY at TARGET (nothing is mounted)."""
-    g = resolve(
-        ctx,
-        runtime=runtime,
-        root=root,
-        runroot=runroot,
-        state=state,
-        config=config,
-        output=output,
-        namespace=namespace,
-    )
+    g = globals_of(ctx)
     store, snap = _one(stores_of(g), key, g.namespace, snapshotter)
     mounts = store.mounts(snap)
     if g.output in (Format.JSON, Format.YAML):
