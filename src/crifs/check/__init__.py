@@ -1,0 +1,1 @@
+"""Pure engines that turn listings and store records into findings and verdicts."""
