@@ -29,17 +29,20 @@ class EntryKind(StrEnum):
     SOCKET = "socket"
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
-    """One path a layer provides.
+    """What one path of a layer is; the path itself is the key it is stored under.
 
     ``target``: the raw symlink target (exactly as stored, may be absolute, relative, empty or
     4096 bytes long), or for a tar hard link the normalised path of the member it links to.
     ``inode``: ``(st_dev, st_ino)`` for entries read from a directory (hard-link groups), else
     ``None``; ``nlink`` the link count the filesystem reports (1 for tar members).
+
+    Frozen, so sources may share one instance among many paths: a walk of a million plain
+    files keeps memory flat by storing ``PLAIN_FILE`` for every regular file whose details
+    no engine needs (``nlink == 1``).
     """
 
-    path: bytes
     kind: EntryKind
     target: bytes = b""
     mode: int = 0
@@ -48,6 +51,10 @@ class Entry:
     gid: int = 0
     inode: tuple[int, int] | None = None
     nlink: int = 1
+
+
+PLAIN_FILE = Entry(EntryKind.FILE)
+PLAIN_DIR = Entry(EntryKind.DIR)
 
 
 @dataclass(slots=True)
