@@ -75,13 +75,14 @@ def _globals(
 
 
 def _register() -> None:
-    from crifs.cli import demo, info, inventory, snapshots
+    from crifs.cli import demo, info, inventory, links, snapshots
 
     app.add_typer(snapshots.app, name="snapshots")
     app.add_typer(inventory.images_app, name="images")
     app.add_typer(inventory.containers_app, name="containers")
     app.add_typer(inventory.namespaces_app, name="namespaces")
     app.command("info", epilog=common.GLOBAL_EPILOG)(info.info)
+    app.command("links", epilog=common.GLOBAL_EPILOG)(links.links)
     app.command("demo")(demo.demo)
 
 

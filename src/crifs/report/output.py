@@ -21,6 +21,7 @@ class Format(StrEnum):
     JSON = "json"
     YAML = "yaml"
     DOT = "dot"
+    SARIF = "sarif"  # link audits only (crifs links)
 
 
 def document(kind: str, list_name: str, records: list[Any], **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,410 @@
+"""The link audit: a verdict for every visible symlink, and the hard-link findings.
+
+Each symlink is resolved from the rootfs root as the kernel would inside the container
+(``crifs.fs.resolve``), then judged:
+
+- ``ok``: it resolves.
+- ``runtime_provided`` (info): it fails at a path under ``/proc``, ``/sys``, ``/dev`` or
+  ``/run``, or at a file a runtime creates (``/etc/resolv.conf``, ``/etc/hosts``, ...): it works
+  once the container runs (``/etc/mtab -> ../proc/self/mounts``).
+- ``hidden_by_whiteout`` / ``hidden_by_opaque``: the missing component existed in a layer and
+  a later one deleted it; failing that, the first missing component of a path a hop aimed at
+  (a target joined with the rest of the path, read literally) did.
+- ``loop``: ``ELOOP``, a cycle or a chain longer than 40 links.
+- ``not_a_directory``: ``ENOTDIR``, a non-directory in the middle or before a trailing ``/``.
+- ``host_only``: an absolute target missing in the image that exists on this host under
+  ``host_root`` ("works on the build machine"); only ``os.lstat`` of that host path is done.
+- ``broken``: any other missing target.
+
+Severity (``SEVERITY``): ``ok`` has none; ``runtime_provided`` is ``info``; every other verdict
+is ``error``, ``host_only`` included, since inside the container it is just as broken.
+
+``layer_added`` is the layer providing the link; ``layer_broken`` the layer whose whiteout,
+opaque directory or replacement removed what the link needs, else the highest layer after the
+link's own that changed a path the resolution went through (a symlink re-pointed, a directory
+replaced), else the link's own layer: the link never resolved. ``None`` for ``ok`` and
+``runtime_provided``. ``fix`` is an ``ln -sf`` command (``crifs.check.fixes``) or ``None``.
+
+Paths in verdicts are absolute rootfs paths (``b"/usr/bin/python"``); messages show bytes that
+are not UTF-8 as ``\\xNN``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+
+from crifs.check.fixes import basename_fixes, ln_command, reading_fix
+from crifs.check.hardlinks import HardlinkFinding, hardlink_findings
+from crifs.fs.listing import EntryKind, LayerListing
+from crifs.fs.merged import OPAQUE, WHITEOUT, Deletion, MergedView, Node, fast_constructor
+from crifs.fs.resolve import (
+    ELOOP,
+    ENOENT,
+    ENOTDIR,
+    MAX_HOPS,
+    LinkResolver,
+    Resolution,
+    reached_paths,
+    resolve,
+)
+
+__all__ = [
+    "RUNTIME_PATHS",
+    "SEVERITY",
+    "HardlinkFinding",
+    "LinkAudit",
+    "LinkVerdict",
+    "Verdict",
+    "audit",
+    "judge_links",
+]
+
+
+class Verdict(StrEnum):
+    OK = "ok"
+    BROKEN = "broken"
+    HIDDEN_BY_WHITEOUT = "hidden_by_whiteout"
+    HIDDEN_BY_OPAQUE = "hidden_by_opaque"
+    LOOP = "loop"
+    NOT_A_DIRECTORY = "not_a_directory"
+    HOST_ONLY = "host_only"
+    RUNTIME_PROVIDED = "runtime_provided"
+
+
+SEVERITY: dict[Verdict, str | None] = {
+    Verdict.OK: None,
+    Verdict.RUNTIME_PROVIDED: "info",
+    Verdict.BROKEN: "error",
+    Verdict.HIDDEN_BY_WHITEOUT: "error",
+    Verdict.HIDDEN_BY_OPAQUE: "error",
+    Verdict.LOOP: "error",
+    Verdict.NOT_A_DIRECTORY: "error",
+    Verdict.HOST_ONLY: "error",
+}
+
+# Directories a runtime mounts at start (moby's init layer, runc's default mounts), and files
+# it creates or bind-mounts; a path equal to one of these or below it counts.
+RUNTIME_PATHS: tuple[bytes, ...] = (
+    b"/proc",
+    b"/sys",
+    b"/dev",
+    b"/run",
+    b"/etc/resolv.conf",
+    b"/etc/hosts",
+    b"/etc/hostname",
+    b"/etc/mtab",
+    b"/.dockerenv",
+    b"/run/.containerenv",
+)
+
+_SYMLINK = EntryKind.SYMLINK
+_DIR = EntryKind.DIR
+# verdicts a fix is looked for: errors, but not loops (another reading of a loop rarely helps)
+_FIXABLE = frozenset(v for v in Verdict if SEVERITY[v] == "error" and v is not Verdict.LOOP)
+_PROGRESS_EVERY = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class LinkVerdict:
+    """The verdict on one symlink; see the module doc for each field's meaning."""
+
+    path: bytes
+    target: bytes
+    verdict: Verdict
+    errno: str | None
+    resolved: bytes
+    layer_added: int
+    layer_broken: int | None
+    fix: str | None
+    message: str
+
+    @property
+    def severity(self) -> str | None:
+        return SEVERITY[self.verdict]
+
+
+_verdict = fast_constructor(LinkVerdict)
+
+
+@dataclass
+class LinkAudit:
+    """What ``audit`` found for one stack of layers (given bottom first)."""
+
+    layers: list[LayerListing]
+    verdicts: list[LinkVerdict]
+    hardlinks: list[HardlinkFinding]
+
+    def summary(self) -> dict[str, int]:
+        """The number of symlinks per verdict, every verdict listed."""
+        counts = {verdict.value: 0 for verdict in Verdict}
+        for item in self.verdicts:
+            counts[item.verdict.value] += 1
+        return counts
+
+
+def audit(
+    layers: Sequence[LayerListing],
+    *,
+    host_root: str | None = "/",
+    runtime_paths: Iterable[bytes] = RUNTIME_PATHS,
+    progress: Callable[[int, int], None] | None = None,
+    view: MergedView | None = None,
+) -> LinkAudit:
+    """Audit every visible symlink and every hard link of ``layers`` (bottom first).
+
+    ``host_root=None`` turns the host check off. ``progress(done, total)`` is called every few
+    thousand symlinks. ``view`` may pass a ``MergedView`` already built from ``layers``.
+    """
+    stack = list(layers)
+    with _gc_paused():
+        merged = view if view is not None else MergedView(stack)
+        verdicts = judge_links(
+            merged, host_root=host_root, runtime_paths=runtime_paths, progress=progress
+        )
+        return LinkAudit(stack, verdicts, hardlink_findings(stack))
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection during an audit: it creates a verdict per link and no
+    cycles, and with a million-entry listing alive every full collection walks it all for
+    nothing. The previous state is restored."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def judge_links(
+    view: MergedView,
+    *,
+    host_root: str | None = "/",
+    runtime_paths: Iterable[bytes] = RUNTIME_PATHS,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[LinkVerdict]:
+    """A verdict for every visible symlink of ``view``, sorted by path."""
+    judge = _Judge(view, host_root, runtime_paths)
+    resolver = judge.resolver
+    links = list(view.symlinks())
+    total = len(links)
+    verdicts: list[LinkVerdict] = []
+    for done, (path, node) in enumerate(links, 1):
+        verdicts.append(judge.verdict(path, node))
+        if progress is not None and done % _PROGRESS_EVERY == 0:
+            progress(done, total)
+    if progress is not None:
+        progress(total, total)
+    wanted = {
+        number: (item.path, item.target)
+        for number, item in enumerate(verdicts)
+        if item.fix is None and item.verdict in _FIXABLE
+    }
+    for number, new_target in basename_fixes(resolver, wanted).items():
+        item = verdicts[number]
+        verdicts[number] = dataclasses.replace(item, fix=ln_command(new_target, item.path))
+    return verdicts
+
+
+class _Judge:
+    def __init__(
+        self, view: MergedView, host_root: str | None, runtime_paths: Iterable[bytes]
+    ) -> None:
+        self.view = view
+        self.resolver = LinkResolver(view)
+        self.single = len(view.layers) <= 1
+        self.host_root = os.fsencode(host_root) if host_root is not None else None
+        runtime = tuple(runtime_paths)
+        self.runtime_exact = frozenset(runtime)
+        self.runtime_prefixes = tuple(path.rstrip(b"/") + b"/" for path in runtime)
+
+    def verdict(self, path: bytes, node: Node) -> LinkVerdict:
+        link = b"/" + path
+        target = node.entry.target
+        head = f"{_show(link)} -> {_show(target)}"
+        followed: list[bytes] = []
+        res = self.resolver.resolve(path, followed)
+        if res.errno is None:
+            message = f"{head}: resolves to {_show(res.resolved)}"
+            return _verdict(
+                link, target, Verdict.OK, None, res.resolved, node.layer, None, None, message
+            )
+        if res.errno != ELOOP and self._is_runtime(res):
+            assert res.missing is not None
+            message = (
+                f"{head}: {_show(res.missing)} is missing in the image; "
+                "the container runtime provides it at run time"
+            )
+            return _verdict(
+                link,
+                target,
+                Verdict.RUNTIME_PROVIDED,
+                res.errno,
+                res.resolved,
+                node.layer,
+                None,
+                None,
+                message,
+            )
+        gone = self._deletion(link, res)
+        kind, message = self._kind_and_message(head, link, target, res, gone, followed)
+        if gone is not None:
+            broken_by = gone.layer_deleted
+        else:
+            broken_by = self._changed_layer(link, node.layer)
+        fix = None
+        if kind in _FIXABLE:
+            new_target = reading_fix(self.resolver, link, target)
+            fix = ln_command(new_target, link) if new_target is not None else None
+        return _verdict(
+            link, target, kind, res.errno, res.resolved, node.layer, broken_by, fix, message
+        )
+
+    def _kind_and_message(
+        self,
+        head: str,
+        link: bytes,
+        target: bytes,
+        res: Resolution,
+        gone: Deletion | None,
+        followed: list[bytes],
+    ) -> tuple[Verdict, str]:
+        missing = res.missing or res.resolved
+        if res.errno == ELOOP:
+            return Verdict.LOOP, f"{head}: {self._loop_reason(link, followed)}"
+        if not target:
+            return Verdict.BROKEN, f"{head}: the target is empty"
+        needed = "" if missing == res.resolved else f" (needed for {_show(res.resolved)})"
+        why = _deletion_reason(gone, missing)
+        if res.errno == ENOTDIR:
+            text = f"{head}: {_show(missing)} is not a directory{needed}{why}"
+            return Verdict.NOT_A_DIRECTORY, text
+        if missing == res.resolved:
+            text = f"{head}: target {_show(missing)} does not exist{why}"
+        else:
+            text = f"{head}: {_show(missing)} does not exist{needed}{why}"
+        if gone is not None and gone.how == WHITEOUT:
+            return Verdict.HIDDEN_BY_WHITEOUT, text
+        if gone is not None and gone.how == OPAQUE:
+            return Verdict.HIDDEN_BY_OPAQUE, text
+        if res.errno == ENOENT and self._on_host(target):
+            return Verdict.HOST_ONLY, (
+                f"{head}: target {_show(missing)} does not exist in the image but exists on "
+                "this host, so the link works only where it was built"
+            )
+        return Verdict.BROKEN, text
+
+    def _is_runtime(self, res: Resolution) -> bool:
+        for path in (res.missing, res.resolved):
+            if path is not None and (
+                path in self.runtime_exact or path.startswith(self.runtime_prefixes)
+            ):
+                return True
+        return False
+
+    def _on_host(self, target: bytes) -> bool:
+        if self.host_root is None or not target.startswith(b"/"):
+            return False
+        try:
+            os.lstat(os.path.join(self.host_root, target.lstrip(b"/")))
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _deletion(self, link: bytes, res: Resolution) -> Deletion | None:
+        """Why what the link needs is gone: the missing component's deletion, else the
+        deletion of the first missing component of a path a hop aimed at (its target joined
+        with the rest of the path, read literally: a path the resolution would have reached
+        had a later layer not deleted or replaced something)."""
+        if self.single or res.errno == ELOOP:
+            return None
+        view = self.view
+        if res.errno == ENOENT and res.missing is not None:
+            gone = view.deletion(res.missing[1:])
+            if gone is not None:
+                return gone
+        for aimed in reached_paths(view, link):
+            key = b""
+            for name in aimed.split(b"/"):
+                if not name:
+                    continue
+                key = key + b"/" + name if key else name
+                if view.entry(key) is None:
+                    gone = view.deletion(key)
+                    if gone is not None:
+                        return gone
+                    break
+        return None
+
+    def _changed_layer(self, link: bytes, link_layer: int) -> int:
+        """The highest layer above the link's that changed a path its resolution went
+        through, else the link's own layer (it never resolved)."""
+        if self.single:
+            return link_layer
+        view = self.view
+        traced = resolve(view, link, trace=True)
+        changed = link_layer
+        for path in traced.trail:
+            key = path[1:]
+            layer = view.provider(key)
+            if layer <= changed:
+                continue
+            entry = view.entry(key)
+            if entry is not None and entry.kind is _DIR and not self._replaced_non_dir(key, layer):
+                continue  # a directory over a directory changes nothing a lookup sees
+            changed = layer
+        return changed
+
+    def _replaced_non_dir(self, key: bytes, layer: int) -> bool:
+        for listing in reversed(self.view.layers):
+            if listing.index >= layer:
+                continue
+            lower = listing.entries.get(key)
+            if lower is not None:
+                return lower.kind is not _DIR
+        return False
+
+    def _loop_reason(self, link: bytes, followed: list[bytes]) -> str:
+        """Cycle or long chain, from the links the quick route followed, else a traced walk."""
+        links = followed
+        if not links:
+            traced = resolve(self.view, link, trace=True)
+            links = [
+                path[1:]
+                for path in traced.trail
+                if (entry := self.view.entry(path[1:])) is not None and entry.kind is _SYMLINK
+            ]
+        links = [b"/" + path for path in links]
+        distinct = list(dict.fromkeys(links))
+        if len(distinct) < len(links):
+            shown = ", ".join(_show(path) for path in distinct[:4])
+            more = ", ..." if len(distinct) > 4 else ""
+            return f"symlink loop through {shown}{more}"
+        return f"more than {MAX_HOPS} symlinks to follow (too many levels of symbolic links)"
+
+
+def _deletion_reason(gone: Deletion | None, missing: bytes) -> str:
+    """`` (deleted by layer 3 whiteout)`` and the like, or ``""``."""
+    if gone is None:
+        return ""
+    cause_path = b"/" + gone.cause
+    cause = _show(cause_path)
+    added, deleted = gone.layer_added, gone.layer_deleted
+    if gone.how == WHITEOUT:
+        of = "" if cause_path == missing else f" of {cause}"
+        return f" (added by layer {added}, deleted by layer {deleted} whiteout{of})"
+    if gone.how == OPAQUE:
+        return f" (added by layer {added}, hidden by layer {deleted} opaque directory {cause})"
+    return f" (added by layer {added}, removed when layer {deleted} replaced {cause})"
+
+
+def _show(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace")

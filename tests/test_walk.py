@@ -1,0 +1,204 @@
+"""read_layer_dir: kinds, hard-link groups, overlay whiteouts and opaque dirs, unsafe roots,
+unreadable parts, mounts inside the tree, and a timed walk."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crifs.errors import BadInput, NotFound, UnsafePath
+from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, EntryKind
+from crifs.fs.walk import MAX_EXAMPLES, read_layer_dir
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, trusted.* xattrs)")
+
+
+def walk(path: Path | bytes, **kw: object):  # noqa: ANN201 - LayerListing
+    return read_layer_dir(path, index=1, name="layer 1 test", ident="id1", **kw)  # type: ignore[arg-type]
+
+
+def test_kinds_names_and_targets(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "usr" / "lib").mkdir(parents=True)
+    (root / "usr" / "lib" / "libc.so.6").write_bytes(b"\x7fELF")
+    (root / "lib").symlink_to("usr/lib")
+    (root / "usr" / "lib" / "dangling").symlink_to("/nowhere/at/all")
+    long_target = ("a/" * 2047 + "b")[:4095]
+    (root / "long").symlink_to(long_target)
+    os.mkfifo(root / "fifo")
+    raw_root = os.fsencode(root)
+    os.mkdir(raw_root + b"/caf\xe9")
+    os.symlink(b"\xff\xfe", raw_root + b"/caf\xe9/l\xe9")
+    listing = walk(root)
+    entries = listing.entries
+    assert listing.index == 1 and listing.ident == "id1" and listing.source == str(root)
+    assert entries[b"usr"] is PLAIN_DIR and entries[b"usr/lib/libc.so.6"] is PLAIN_FILE
+    assert entries[b"lib"].kind is EntryKind.SYMLINK and entries[b"lib"].target == b"usr/lib"
+    assert entries[b"usr/lib/dangling"].target == b"/nowhere/at/all"
+    assert entries[b"long"].target == long_target.encode() and len(long_target) == 4095
+    assert entries[b"fifo"].kind is EntryKind.FIFO
+    assert entries[b"caf\xe9/l\xe9"].target == b"\xff\xfe"
+    assert b"" not in entries and not listing.problems and not listing.whiteouts
+
+
+def test_hard_link_groups(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").write_bytes(b"x")
+    os.link(root / "a", root / "b")
+    os.link(root / "a", root / "c")
+    (root / "solo").write_bytes(b"y")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"z")
+    os.link(outside, root / "linked-out")
+    for mode in ("groups", "all"):
+        entries = walk(root, hardlinks=mode).entries
+        group = [entries[k] for k in (b"a", b"b", b"c")]
+        assert all(e.kind is EntryKind.FILE and e.nlink == 3 for e in group)
+        assert len({e.inode for e in group}) == 1 and group[0].inode is not None
+        assert entries[b"solo"] is PLAIN_FILE
+    # a link to a file outside the layer shows only when every file is stat'ed
+    assert walk(root).entries[b"linked-out"] is PLAIN_FILE
+    assert walk(root, hardlinks="all").entries[b"linked-out"].nlink == 2
+    off = walk(root, hardlinks="off").entries
+    assert all(off[k] is PLAIN_FILE for k in (b"a", b"b", b"c", b"linked-out"))
+    with pytest.raises(BadInput, match="unknown hard-link mode"):
+        walk(root, hardlinks="yes")
+
+
+@needs_root
+def test_overlay_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
+    root = tmp_path / "upper"
+    (root / "etc").mkdir(parents=True)
+    os.mknod(root / "etc" / "motd", 0o600 | 0o020000, os.makedev(0, 0))  # whiteout
+    os.mknod(root / "null", 0o666 | 0o020000, os.makedev(1, 3))  # a real device
+    (root / "var" / "cache").mkdir(parents=True)
+    (root / "var" / "cache" / "new").write_bytes(b"")
+    os.setxattr(root / "var" / "cache", "trusted.overlay.opaque", b"y")
+    (root / "home").mkdir()
+    os.setxattr(root / "home", "user.overlay.opaque", b"y")
+    # xattr whiteouts: only in a directory marked overlay.opaque=x
+    xdir = root / "opt"
+    xdir.mkdir()
+    os.setxattr(xdir, "trusted.overlay.opaque", b"x")
+    (xdir / "gone").write_bytes(b"")
+    os.setxattr(xdir / "gone", "trusted.overlay.whiteout", b"")
+    (xdir / "kept").write_bytes(b"")
+    (root / "plain").write_bytes(b"")
+    os.setxattr(root / "plain", "trusted.overlay.whiteout", b"")  # parent not marked: a file
+    listing = walk(root)
+    assert listing.whiteouts == {b"etc/motd", b"opt/gone"}
+    assert listing.opaque == {b"var/cache", b"home"}
+    assert listing.entries[b"null"].kind is EntryKind.CHAR
+    assert b"etc/motd" not in listing.entries and b"opt/gone" not in listing.entries
+    assert listing.entries[b"opt/kept"] is PLAIN_FILE
+    assert listing.entries[b"plain"] is PLAIN_FILE
+    assert listing.entries[b"var/cache/new"] is PLAIN_FILE
+    # as a plain rootfs the same tree has devices and no deletions
+    rootfs = walk(root, overlay=False)
+    assert not rootfs.whiteouts and not rootfs.opaque
+    assert rootfs.entries[b"etc/motd"].kind is EntryKind.CHAR
+    assert rootfs.entries[b"opt/gone"] is PLAIN_FILE
+
+
+def test_unsafe_missing_and_non_directory_roots(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    with pytest.raises(UnsafePath) as caught:
+        walk(tmp_path / "alias")
+    assert str(caught.value) == (f"{tmp_path / 'alias'}: is a symlink; crifs does not follow "
+                                 f"symlinks, pass the real path instead: {real}")
+    with pytest.raises(NotFound):
+        walk(tmp_path / "missing")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(BadInput, match="is not a directory"):
+        walk(tmp_path / "file")
+    assert walk(os.fsencode(real)).entries == {}
+
+
+@needs_root
+def test_unreadable_directories_are_problems_not_crashes(tmp_path: Path) -> None:
+    """Walk as root without CAP_DAC_OVERRIDE/READ_SEARCH (setpriv): another user's 0700
+    directory cannot be listed, as for an unprivileged crifs."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    root = tmp_path / "tree"
+    (root / "open").mkdir(parents=True)
+    (root / "open" / "f").write_bytes(b"")
+    (root / "closed").mkdir()
+    (root / "closed" / "secret").write_bytes(b"")
+    os.chown(root / "closed", 65534, 65534)
+    os.chmod(root / "closed", 0o700)
+    code = ("import sys, json; from crifs.fs.walk import read_layer_dir; "
+            "l = read_layer_dir(sys.argv[1], index=0, name='x'); "
+            "print(json.dumps([sorted(k.decode() for k in l.entries), l.problems]))")
+    out = subprocess.run([setpriv, "--bounding-set=-dac_override,-dac_read_search",
+                          sys.executable, "-c", code, str(root)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    entries, problems = json.loads(out.stdout)
+    assert entries == ["closed", "open", "open/f"]
+    assert problems == ["cannot list /closed: Permission denied; its contents are not audited"]
+
+
+@needs_root
+def test_mounts_inside_the_tree_are_not_entered(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "proc").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "proc")], check=True)
+    try:
+        (root / "proc" / "inside").write_bytes(b"")
+        listing = walk(root, overlay=False)
+    finally:
+        subprocess.run(["umount", str(root / "proc")], check=True)
+    assert listing.entries[b"proc"] is PLAIN_DIR
+    assert b"proc/inside" not in listing.entries
+    assert listing.problems == ["/proc is another filesystem mounted here; not descended into"]
+
+
+def test_problem_count_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(MAX_EXAMPLES + 5):
+        (root / f"l{i}").symlink_to("x")
+
+    def failing_readlink(path: object) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "readlink", failing_readlink)
+    listing = walk(root)
+    assert len(listing.problems) == MAX_EXAMPLES + 1
+    assert listing.problems[0].endswith(": Permission denied; left out")
+    assert listing.problems[-1] == "... and 5 more problems of the same kind (unreadable)"
+
+
+def test_timed_walk_of_100k_entries(tmp_path: Path) -> None:
+    """Prints time and peak RSS of a 100k-entry walk (1M-entry figures are in the report)."""
+    root = tmp_path / "big"
+    root.mkdir()
+    made = 0
+    for d in range(500):
+        sub = root / f"d{d:03d}"
+        sub.mkdir()
+        for f in range(180):
+            (sub / f"f{f}").touch()
+        for s in range(20):
+            (sub / f"l{s}").symlink_to(f"../d{(d + 1) % 500:03d}/f{s}")
+        made += 201
+    start = time.perf_counter()
+    listing = walk(root)
+    elapsed = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    assert len(listing.entries) == made
+    print(f"\nwalk of {made} entries: {elapsed:.2f} s, process peak RSS {rss} MB")
+    assert elapsed < 10
