@@ -156,6 +156,10 @@ APP = [
     DemoFile("app", "dir"),
     DemoFile("app/main.py", "file", b"print('hello from crifs demo')\n"),
     DemoFile("app/config.yaml", "file", b"port: 8080\n"),
+    # Planted link faults for the audit: a typo'd relative target and a build-host path.
+    DemoFile("app/current.yaml", "symlink", target="config.yml"),
+    DemoFile("app/static", "symlink", target="/home/builder/web/static"),
+    DemoFile("app/python", "symlink", target="../usr/bin/python"),
 ]
 TOOLS = [
     DemoFile("usr/bin/jq", "file", b"\x7fELF demo jq" + b"\0" * 12000, mode=0o755),
