@@ -11,10 +11,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.tree import Tree
-
 from crifs.errors import CrifsError
 from crifs.model import Snapshot, Store, Usage
 from crifs.report.values import escape_text, human_size, record
@@ -87,6 +83,8 @@ def nested(snaps: list[Snapshot], sizes: dict[Ident, Usage | None]) -> list[dict
 def _label(
     i: Ident, by_ident: dict[Ident, Snapshot], sizes: dict[Ident, Usage | None], missing: set[Ident]
 ) -> str:
+    from rich.markup import escape
+
     key = escape(escape_text(i[3]))
     if i in missing:
         return f"[red]{key}  (missing)[/red]"
@@ -97,6 +95,10 @@ def _label(
 
 
 def write_tree(snaps: list[Snapshot], sizes: dict[Ident, Usage | None]) -> None:
+    from rich.console import Console  # only trees drawn as text need rich: keep start-up light
+    from rich.markup import escape
+    from rich.tree import Tree
+
     by_ident = {ident(s): s for s in snaps}
     roots, children, missing = _children(snaps)
     groups: dict[tuple[str, str | None, str], list[Ident]] = defaultdict(list)
