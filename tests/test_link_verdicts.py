@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crifs.check.fixes import ln_command, relative_path, shell_quote
 from crifs.check.hardlinks import hardlink_findings, hardlink_groups
 from crifs.check.links import SEVERITY, LinkVerdict, Verdict, audit
 from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind, LayerListing
+from crifs.fs.merged import MergedView
 
 
 def layer(index: int, spec: dict[bytes, bytes]) -> LayerListing:
@@ -413,3 +417,27 @@ def test_deletion_on_the_literal_path_of_an_intermediate_hop() -> None:
     assert got.verdict is Verdict.BROKEN and got.layer_broken == 1
     assert got.resolved == b"/srv/x"
     assert "removed when layer 1 replaced /opt/app" in got.message
+
+
+_NAMES = [b"a", b"b", b"c"]
+_paths = st.lists(st.sampled_from(_NAMES), min_size=1, max_size=3).map(b"/".join)
+_targets = st.builds(
+    lambda lead, parts: lead + b"/".join(parts),
+    st.sampled_from([b"", b"/", b"../"]),
+    st.lists(st.sampled_from([*_NAMES, b".."]), max_size=3),
+)
+_kinds = st.one_of(st.sampled_from([b"dir", b"file", b"wh", b"opq"]), _targets.map(b"->".__add__))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(_paths, _kinds, max_size=8), min_size=1, max_size=4))
+def test_quick_route_gives_the_verdicts_of_the_component_walk(
+    specs: list[dict[bytes, bytes]],
+) -> None:
+    # the resolver's quick route (and the explanations built from it) against the plain
+    # component-by-component walk, which a view that is not consistent always takes
+    layers = [layer(index, spec) for index, spec in enumerate(specs)]
+    fast = audit(layers, host_root=None).verdicts
+    with mock.patch.object(MergedView, "consistent", new=property(lambda self: False)):
+        slow = audit(layers, host_root=None).verdicts
+    assert fast == slow

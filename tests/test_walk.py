@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from crifs.errors import BadInput, NotFound, UnsafePath
-from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, EntryKind
+from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind
 from crifs.fs.walk import MAX_EXAMPLES, read_layer_dir
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, trusted.* xattrs)")
@@ -73,6 +73,43 @@ def test_hard_link_groups(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="unknown hard-link mode"):
         walk(root, hardlinks="yes")
 
+
+
+def test_hard_link_groups_across_directories_match_a_full_stat(tmp_path: Path) -> None:
+    """Groups found from directory-entry inode numbers (in any order, across directories)
+    are the ones an lstat of every file finds, and their members are lstat-ed exactly."""
+    root = tmp_path / "root"
+    for d in ("a", "b/c", "d"):
+        (root / d).mkdir(parents=True)
+    for i in range(30):
+        (root / "a" / f"f{i}").write_bytes(b"x")
+    os.link(root / "a" / "f7", root / "b" / "c" / "seven")
+    os.link(root / "a" / "f7", root / "d" / "also-seven")
+    os.link(root / "a" / "f29", root / "a" / "twenty-nine")
+    (root / "b" / "c" / "one").write_bytes(b"y")
+    os.link(root / "b" / "c" / "one", root / "one")
+    (root / "d" / "link").symlink_to("../a/f7")
+    grouped, stat_all = walk(root).entries, walk(root, hardlinks="all").entries
+    assert grouped == stat_all
+    assert {k for k, e in grouped.items() if e.nlink > 1} == {
+        b"a/f7", b"b/c/seven", b"d/also-seven", b"a/f29", b"a/twenty-nine", b"b/c/one",
+        b"one"}
+    assert grouped[b"a/f7"].nlink == 3 and grouped[b"one"].nlink == 2
+    assert grouped[b"a/f0"] is PLAIN_FILE and grouped[b"d/link"].target == b"../a/f7"
+
+
+def test_symlink_entries_are_ordinary_entries(tmp_path: Path) -> None:
+    """Symlink entries are built without the dataclass constructor (speed): they must be the
+    same values, hashable and frozen."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "l").symlink_to(b"\xff/target")  # type: ignore[arg-type]
+    made = walk(root).entries[b"l"]
+    expected = Entry(EntryKind.SYMLINK, b"\xff/target")
+    assert type(made) is Entry and made == expected and hash(made) == hash(expected)
+    assert repr(made) == repr(expected)
+    with pytest.raises(AttributeError):
+        made.target = b"other"  # type: ignore[misc]
 
 @needs_root
 def test_overlay_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from itertools import compress, repeat
 
 from crifs.fs.resolve import LinkResolver
@@ -119,7 +119,8 @@ def _find_names(
 ) -> dict[bytes, list[bytes]]:
     """Where each of ``names`` occurs as a basename; stops counting a name at two places."""
     found: dict[bytes, list[bytes]] = {}
-    paths = list(all_paths)
+    # iterated twice below; a dict's keys can be, without a million-entry copy
+    paths = all_paths if isinstance(all_paths, Collection) else list(all_paths)
     last = operator.itemgetter(2)
     basenames = map(last, map(bytes.rpartition, paths, repeat(b"/")))
     for path in compress(paths, map(names.__contains__, basenames)):  # C-level filter

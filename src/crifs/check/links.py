@@ -108,6 +108,7 @@ _DIR = EntryKind.DIR
 # verdicts a fix is looked for: errors, but not loops (another reading of a loop rarely helps)
 _FIXABLE = frozenset(v for v in Verdict if SEVERITY[v] == "error" and v is not Verdict.LOOP)
 _PROGRESS_EVERY = 4096
+_NOT_VISIBLE = -2  # a path no lookup finds (see _Judge._change_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,11 +195,28 @@ def judge_links(
     """A verdict for every visible symlink of ``view``, sorted by path."""
     judge = _Judge(view, host_root, runtime_paths)
     resolver = judge.resolver
-    links = list(view.symlinks())
+    links = list(view.symlink_nodes())
     total = len(links)
     verdicts: list[LinkVerdict] = []
-    for done, (path, node) in enumerate(links, 1):
-        verdicts.append(judge.verdict(path, node))
+    append = verdicts.append
+    resolve_link = resolver.resolve
+    ok = Verdict.OK
+    for done, (path, node, own) in enumerate(links, 1):
+        entry = node.entry
+        res = resolve_link(path, None, entry if own else None)
+        if res.errno is None:
+            # the common case, kept short: most links resolve
+            link = b"/" + path
+            target = entry.target
+            resolved = res.resolved
+            message = (
+                f"{link.decode('utf-8', 'backslashreplace')} -> "
+                f"{target.decode('utf-8', 'backslashreplace')}: resolves to "
+                f"{resolved.decode('utf-8', 'backslashreplace')}"
+            )
+            append(_verdict(link, target, ok, None, resolved, node.layer, None, None, message))
+        else:
+            append(judge.verdict(path, node, res))
         if progress is not None and done % _PROGRESS_EVERY == 0:
             progress(done, total)
     if progress is not None:
@@ -225,13 +243,28 @@ class _Judge:
         runtime = tuple(runtime_paths)
         self.runtime_exact = frozenset(runtime)
         self.runtime_prefixes = tuple(path.rstrip(b"/") + b"/" for path in runtime)
+        self._change_of: dict[bytes, int] = {}  # see _change_at
 
-    def verdict(self, path: bytes, node: Node) -> LinkVerdict:
+    def verdict(self, path: bytes, node: Node, res: Resolution | None = None) -> LinkVerdict:
+        """The verdict on the symlink at ``path``; ``res``, when given, is its resolution."""
         link = b"/" + path
         target = node.entry.target
         head = f"{_show(link)} -> {_show(target)}"
         followed: list[bytes] = []
-        res = self.resolver.resolve(path, followed)
+        # the keys the hops aimed at, when the quick route answered: they stand in for the
+        # walks that explain a failure in a stack (see _deletion and _changed_layer)
+        reached: list[bytes] | None = None
+        if not self.single or res is None or res.errno == ELOOP:
+            # a loop's reason needs the links followed
+            reached = []
+            route = self.resolver.quick_route(path, followed, reached)
+            if route is not None:
+                res = route
+            else:
+                followed.clear()
+                reached = None
+                if res is None or res.errno == ELOOP:
+                    res = self.resolver.resolve(path, followed)
         if res.errno is None:
             message = f"{head}: resolves to {_show(res.resolved)}"
             return _verdict(
@@ -254,12 +287,12 @@ class _Judge:
                 None,
                 message,
             )
-        gone = self._deletion(link, res)
+        gone = self._deletion(link, res, reached)
         kind, message = self._kind_and_message(head, link, target, res, gone, followed)
         if gone is not None:
             broken_by = gone.layer_deleted
         else:
-            broken_by = self._changed_layer(link, node.layer)
+            broken_by = self._changed_layer(link, node.layer, reached)
         fix = None
         if kind in _FIXABLE:
             new_target = reading_fix(self.resolver, link, target)
@@ -319,7 +352,9 @@ class _Judge:
             return False
         return True
 
-    def _deletion(self, link: bytes, res: Resolution) -> Deletion | None:
+    def _deletion(
+        self, link: bytes, res: Resolution, reached: list[bytes] | None
+    ) -> Deletion | None:
         """Why what the link needs is gone: the missing component's deletion, else the
         deletion of the first missing component of a path a hop aimed at (its target joined
         with the rest of the path, read literally: a path the resolution would have reached
@@ -331,7 +366,8 @@ class _Judge:
             gone = view.deletion(res.missing[1:])
             if gone is not None:
                 return gone
-        for aimed in reached_paths(view, link):
+        aims = reached_paths(view, link) if reached is None else [b"/" + k for k in reached]
+        for aimed in aims:
             key = b""
             for name in aimed.split(b"/"):
                 if not name:
@@ -344,24 +380,52 @@ class _Judge:
                     break
         return None
 
-    def _changed_layer(self, link: bytes, link_layer: int) -> int:
+    def _changed_layer(self, link: bytes, link_layer: int, reached: list[bytes] | None) -> int:
         """The highest layer above the link's that changed a path its resolution went
-        through, else the link's own layer (it never resolved)."""
+        through, else the link's own layer (it never resolved).
+
+        The paths gone through are those a traced walk looks up; after a quick route
+        (``reached`` given) they are, as a set, the visible leading parts of the link's own
+        path and of every key a hop aimed at (a lookup stops at the first missing part, and
+        at a symlink, whose target is the next key aimed at)."""
         if self.single:
             return link_layer
-        view = self.view
-        traced = resolve(view, link, trace=True)
         changed = link_layer
-        for path in traced.trail:
-            key = path[1:]
-            layer = view.provider(key)
-            if layer <= changed:
-                continue
-            entry = view.entry(key)
-            if entry is not None and entry.kind is _DIR and not self._replaced_non_dir(key, layer):
-                continue  # a directory over a directory changes nothing a lookup sees
-            changed = layer
+        change_of = self._change_of
+        if reached is None:
+            for path in resolve(self.view, link, trace=True).trail:
+                layer = change_of.get(path[1:])
+                if layer is None:
+                    layer = change_of[path[1:]] = self._change_at(path[1:])
+                if layer > changed:
+                    changed = layer
+            return changed
+        for key in (link[1:], *reached):
+            end = 0
+            while end >= 0:
+                end = key.find(b"/", end + 1)
+                part = key if end < 0 else key[:end]
+                layer = change_of.get(part)
+                if layer is None:
+                    layer = change_of[part] = self._change_at(part)
+                if layer == _NOT_VISIBLE:
+                    break
+                if layer > changed:
+                    changed = layer
         return changed
+
+    def _change_at(self, key: bytes) -> int:
+        """The layer providing the visible ``key`` if a lookup of it sees a change there,
+        else -1 (a directory over a directory changes nothing a lookup sees), or
+        ``_NOT_VISIBLE``. Depends on ``key`` only, so it is kept for the next link."""
+        view = self.view
+        entry = view.entry(key)
+        if entry is None:
+            return _NOT_VISIBLE
+        layer = view.provider(key)
+        if entry.kind is _DIR and not self._replaced_non_dir(key, layer):
+            return -1
+        return layer
 
     def _replaced_non_dir(self, key: bytes, layer: int) -> bool:
         for listing in reversed(self.view.layers):

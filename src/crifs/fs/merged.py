@@ -189,27 +189,54 @@ class MergedView:
 
         The node's entry is the symlink's own entry (for a hard link: its source).
         """
+        for path, node, _ in self.symlink_nodes():
+            yield path, node
+
+    def symlink_nodes(self) -> Iterator[tuple[bytes, Node, bool]]:
+        """As ``symlinks``, with a flag that is ``True`` when the node's entry is the one
+        stored at the path (``False`` for a tar hard link to a symlink)."""
         entries = self._entries
-        paths: list[bytes] = []
-        for kind in (_SYMLINK, _HARDLINK):  # C-level filtering: a million entries in ~0.1 s
-            kinds = map(operator.attrgetter("kind"), entries.values())
-            paths.extend(compress(entries.keys(), map(operator.is_, kinds, repeat(kind))))
+        # C-level filtering: the kinds are read once, then each wanted kind picked out
+        kinds = list(map(operator.attrgetter("kind"), entries.values()))
+        paths = list(compress(entries.keys(), map(operator.is_, kinds, repeat(_SYMLINK))))
+        hardlinks = list(compress(entries.keys(), map(operator.is_, kinds, repeat(_HARDLINK))))
+        del kinds
+        paths.extend(hardlinks)
         paths.sort()
         single = None if self._implicit_stored else self.layers[0].index
+        providers = self._providers(paths) if single is None else {}
         for path in paths:
             found = entries[path]
+            own = True
             if found.kind is _HARDLINK:
                 source = self.hardlink_source(path, found)
                 if source is None or source.kind is not _SYMLINK:
                     continue
                 found = source
-            yield path, _node(found, single if single is not None else self.provider(path))
+                own = False
+            layer = single if single is not None else providers.get(path, self.layers[0].index)
+            yield path, _node(found, layer), own
+
+    def _providers(self, paths: list[bytes]) -> dict[bytes, int]:
+        """``provider`` of many visible paths that are not directories, at once: a set
+        intersection per layer (C-level) instead of up to one lookup per layer per path."""
+        remaining = set(paths)
+        found: dict[bytes, int] = {}
+        # symlinks and hard links are never implicit directories: the layers alone decide
+        for listing in reversed(self.layers):
+            if not remaining:
+                break
+            here = listing.entries.keys() & remaining
+            found.update(dict.fromkeys(here, listing.index))
+            remaining -= here
+        return found
 
     def paths(self) -> Iterable[bytes]:
         """Every visible path (the root only if a layer lists it), unordered."""
-        if self._implicit_stored:
-            return self._entries.keys()
-        return chain(self._entries.keys(), self._single_implicit().keys())
+        implicit = self._implicit if self._implicit_stored else self._single_implicit()
+        if self._implicit_stored or not implicit:
+            return self._entries.keys()  # a collection: may be iterated twice without a copy
+        return chain(self._entries.keys(), implicit.keys())
 
     def items(self) -> Iterator[tuple[bytes, Entry]]:
         """Every visible path (the root only if a layer lists it) and its entry, unordered."""

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from crifs.fs.listing import EntryKind
+from crifs.fs.listing import Entry, EntryKind
 from crifs.fs.merged import MergedView, fast_constructor
 
 MAX_HOPS = 40
@@ -106,9 +106,12 @@ class LinkResolver:
     (``view.consistent``): then a link whose target is plain names after optional leading
     ``../`` (the link's own directory is a real directory, so those are exact) reaches the
     lexical path whenever that path is visible, since a visible path's ancestors are all
-    directories. That is one lookup per hop instead of one per component; anything else
-    (a missing path, ``./``, a trailing ``/``, an implicit directory, a tar hard link) takes
-    the component-by-component walk, which alone decides failures.
+    directories. That is one lookup per hop instead of one per component. A lexical path that
+    is not visible is settled by its deepest visible ancestor: a directory means ``ENOENT`` at
+    the next name, another non-symlink ``ENOTDIR``, and a symlink is followed in place (the
+    rest of the path appended to its lexical target). Anything else (``./``, a trailing ``/``,
+    a tar hard link, a loop through a symlink used as a directory) takes the
+    component-by-component walk.
     """
 
     def __init__(self, view: MergedView, *, max_hops: int = MAX_HOPS) -> None:
@@ -117,10 +120,13 @@ class LinkResolver:
         self._quick = view.consistent
         self._get = view.entry_getter()
 
-    def resolve(self, path: bytes, chain: list[bytes] | None = None) -> Resolution:
+    def resolve(
+        self, path: bytes, chain: list[bytes] | None = None, entry: Entry | None = None
+    ) -> Resolution:
         """As ``resolve(view, b"/" + path)``. When the quick route answered, ``chain`` (if
-        given) holds the symlinks it followed (see ``follow_simple``); else it is emptied."""
-        quick = self.follow_simple(path, chain) if self._quick else None
+        given) holds the symlinks it followed (see ``follow_simple``); else it is emptied.
+        ``entry``, when given, must be the visible entry at ``path`` (saves a lookup)."""
+        quick = self._follow(path, 0, chain, entry) if self._quick else None
         if quick is not None:
             return quick
         if chain:
@@ -128,47 +134,116 @@ class LinkResolver:
         return _walk(self.view, b"", _components(path), 0, True, self.max_hops, None)
 
     def follow_simple(self, path: bytes, chain: list[bytes] | None = None) -> Resolution | None:
-        """The quick route's answer (success, or ``ELOOP`` at the 41st link of a chain of
-        plain links), or ``None`` when it does not apply. Each symlink followed is appended to
-        ``chain`` when given (a cycle's first link appears twice).
+        """The quick route's answer, or ``None`` when it does not apply. Each symlink followed
+        is appended to ``chain`` when given (a cycle's first link appears twice).
 
-        On this route the next link is a function of the current one, so a link met twice
-        means a cycle: the answer is ``ELOOP`` without walking the 40 hops, and the link the
-        kernel would give up at is found by counting around the cycle.
+        While only final symlinks are followed, the next link is a function of the current
+        one, so a link met twice means a cycle: the answer is ``ELOOP`` without walking the 40
+        hops, and the link the kernel would give up at is found by counting around the cycle.
         """
         if not self._quick:
             return None
+        return self._follow(path, 0, chain)
+
+    def quick_route(
+        self, path: bytes, chain: list[bytes], reached: list[bytes]
+    ) -> Resolution | None:
+        """The quick route's answer for the link at ``path`` (as ``follow_simple``), or
+        ``None``. ``reached`` gets the relative key each hop aimed at: the target joined with
+        the rest of the path, read lexically (``reached_paths`` without the leading ``/``)."""
+        if not self._quick:
+            return None
+        return self._follow(path, 0, chain, None, reached)
+
+    def _follow(
+        self,
+        key: bytes,
+        hops: int,
+        chain: list[bytes] | None,
+        entry: Entry | None = None,
+        reached: list[bytes] | None = None,
+    ) -> Resolution | None:
+        """The quick route from relative ``key`` (whose visible entry is ``entry`` when
+        given) with ``hops`` already counted; an ``ELOOP`` answer only when ``hops`` starts at
+        0 and every link was final (else ``None``)."""
         get = self._get
+        lookup = self.view.entry
         max_hops = self.max_hops
         followed = chain if chain is not None else []
         start = len(followed)
         seen: dict[bytes, int] | None = None
-        key = path
-        hops = 0
-        entry = get(key)
-        while entry is not None and entry.kind is _SYMLINK:
+        cycles = hops == 0  # the cycle shortcut's counting assumes the chain starts here
+        if entry is None:
+            entry = get(key)
+        while True:
+            if entry is None:
+                entry = lookup(key)  # an implicit directory
+            if entry is None:
+                # Not visible: its deepest visible ancestor decides (all of that one's
+                # ancestors are directories, so the kernel gets there without a hop).
+                parent = key
+                while True:
+                    parent = parent.rpartition(b"/")[0]
+                    above = get(parent)
+                    if above is None:
+                        above = lookup(parent)  # an implicit directory, the root, or missing
+                        if above is None:
+                            continue
+                    break
+                kind = above.kind
+                if kind is _DIR or not parent:  # the root is a directory whatever is listed
+                    offset = len(parent) + 1 if parent else 0
+                    end = key.find(b"/", offset)
+                    missing = key if end < 0 else key[:end]
+                    return _resolution(ENOENT, b"/" + key, b"/" + missing, hops, ())
+                if kind is _HARDLINK:
+                    return None
+                if kind is not _SYMLINK:
+                    return _resolution(ENOTDIR, b"/" + key, b"/" + parent, hops, ())
+                # a symlink used as a directory: followed, then the rest of the path
+                hops += 1
+                if hops > max_hops:
+                    return None  # the walk names the loop
+                cycles = False
+                seen = None
+                followed.append(parent)
+                following = _lexical(parent.rpartition(b"/")[0], above.target)
+                if following is None:
+                    return None
+                key = following + key[len(parent) :]
+                if reached is not None:
+                    reached.append(key)
+                entry = get(key)
+                continue
+            kind = entry.kind
+            if kind is not _SYMLINK:
+                if kind is _HARDLINK:
+                    return None
+                return _resolution(None, b"/" + key, None, hops, ())
             hops += 1
             if hops > max_hops:
+                if not cycles:
+                    return None
                 return _resolution(ELOOP, b"/" + key, None, hops, ())
-            if hops == 2:
-                seen = {followed[start]: 0}
-            if seen is not None:
-                first = seen.get(key)
-                if first is not None:
-                    period = hops - 1 - first
-                    give_up = followed[start + first + (max_hops - first) % period]
-                    followed.append(key)
-                    return _resolution(ELOOP, b"/" + give_up, None, max_hops + 1, ())
-                seen[key] = hops - 1
+            if cycles:
+                if hops == 2:
+                    seen = {followed[start]: 0}
+                if seen is not None:
+                    first = seen.get(key)
+                    if first is not None:
+                        period = hops - 1 - first
+                        give_up = followed[start + first + (max_hops - first) % period]
+                        followed.append(key)
+                        return _resolution(ELOOP, b"/" + give_up, None, max_hops + 1, ())
+                    seen[key] = hops - 1
             followed.append(key)
             following = _lexical(key.rpartition(b"/")[0], entry.target)
             if following is None:
                 return None
             key = following
+            if reached is not None:
+                reached.append(key)
             entry = get(key)
-        if entry is None or entry.kind is _HARDLINK:
-            return None
-        return _resolution(None, b"/" + key, None, hops, ())
 
     def resolve_target(self, path: bytes, target: bytes) -> Resolution:
         """What a symlink at relative ``path`` would reach if its target were ``target``
@@ -178,35 +253,43 @@ class LinkResolver:
         directory = path.rpartition(b"/")[0]
         if self._quick:
             key = _lexical(directory, target)
-            entry = self._get(key) if key is not None else None
-            if key is not None and entry is not None:
-                if entry.kind is not _SYMLINK and entry.kind is not _HARDLINK:
-                    return _resolution(None, b"/" + key, None, 1, ())
-                further = self.follow_simple(key)
-                if further is not None and further.ok and further.hops < self.max_hops:
-                    return _resolution(None, further.resolved, None, further.hops + 1, ())
+            if key is not None:
+                quick = self._follow(key, 1, None)
+                if quick is not None:
+                    return quick
         start = target if target.startswith(b"/") else directory + b"/" + target
         return _walk(self.view, b"", _components(start), 1, True, self.max_hops, None)
 
 
-_NOT_PLAIN = re.compile(rb"(?:^|/)\.\.?(?:/|$)|//|/$|^$")
+_NOT_PLAIN = re.compile(rb"(?:^|/)\.\.?(?:/|$)|//|/$|^$|^/")
+_UP = b"../"
 
 
 def _lexical(directory: bytes, target: bytes) -> bytes | None:
     """The key a plain target names from ``directory``, or ``None`` if it is not plain."""
-    if target.startswith(b"/"):
+    if target[:1] == b"/":
         directory = b""
         target = target.lstrip(b"/")
-    while target.startswith(b"../"):
-        directory = directory.rpartition(b"/")[0]
-        target = target[3:]
+    if target[:3] == _UP:
+        # "../../x": strip all leading "../" at once and climb as many directories
+        rest = target.lstrip(b"./")
+        ups = (len(target) - len(rest)) // 3
+        if target[: ups * 3] != _UP * ups:
+            ups = 0
+            while target[:3] == _UP:
+                ups += 1
+                target = target[3:]
+        else:
+            target = target[ups * 3 :]
+        parts = directory.rsplit(b"/", ups)
+        directory = parts[0] if len(parts) > ups else b""
     # most targets hold no "." at a name's start and no doubled or trailing "/": two C-level
     # scans; the rest get the exact check
     if (
         b"/." in target
-        or target.startswith(b".")
+        or target[:1] in b"./"
         or b"//" in target
-        or target.endswith(b"/")
+        or target[-1:] == b"/"
         or not target
     ) and _NOT_PLAIN.search(target) is not None:
         return None

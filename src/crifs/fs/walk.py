@@ -34,8 +34,11 @@ import errno
 import gc
 import os
 import stat
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import compress, islice
+from operator import eq
 
 from crifs.errors import BadInput, NotFound, UnsafePath
 from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind, LayerListing
@@ -128,10 +131,15 @@ class _Walker:
         whiteouts = self.listing.whiteouts
         overlay, mode, mounted = self.overlay, self.hardlinks, self.mounted
         stat_all, by_inode = mode == STAT_ALL, mode == GROUPS
-        first_name: dict[int, bytes] = {}  # d_ino -> first regular file seen with it
-        shared: list[tuple[bytes, int]] = []  # later names of an inode seen before
+        # d_ino and key of every regular file, in step; shared inode numbers are looked for
+        # once after the walk (see stat_groups). Measured on 1M entries, that costs less CPU
+        # than a dict keyed by inode filled in the loop, and lowers the walk's peak RSS (the
+        # array holds no int objects).
+        file_inodes = array("Q")
+        file_keys: list[bytes] = []
+        add_inode, add_file_key = file_inodes.append, file_keys.append
         readlink, plain_file, plain_dir = os.readlink, PLAIN_FILE, PLAIN_DIR
-        symlink_kind = EntryKind.SYMLINK
+        symlink_entry = _symlink_entry
         # (directory path on the host, its key in the listing, holds xattr whiteouts)
         stack: list[tuple[bytes, bytes, bool]] = [
             (root, b"", overlay and self.dir_xattrs(root, b""))]
@@ -158,9 +166,8 @@ class _Walker:
                                 else:
                                     entries[key] = plain_file
                                     if by_inode:
-                                        ino = entry.inode()
-                                        if first_name.setdefault(ino, key) is not key:
-                                            shared.append((key, ino))
+                                        add_inode(entry.inode())
+                                        add_file_key(key)
                             elif entry.is_dir(follow_symlinks=False):
                                 entries[key] = plain_dir
                                 if mounted and key in mounted:
@@ -171,7 +178,7 @@ class _Walker:
                                 stack.append((entry.path, key,
                                               overlay and self.dir_xattrs(entry.path, key)))
                             elif entry.is_symlink():
-                                entries[key] = Entry(symlink_kind, readlink(entry.path))
+                                entries[key] = symlink_entry(readlink(entry.path))
                             else:
                                 self.special(key, entry.stat(follow_symlinks=False))
                         except OSError as err:
@@ -180,15 +187,24 @@ class _Walker:
                 except OSError as err:
                     self.problem("unreadable", f"cannot list /{_show(dir_key)}: "
                                                f"{os.strerror(err.errno or 0)}")
-        if shared:
-            self.stat_groups(root, shared, first_name)
+        if file_keys:
+            self.stat_groups(root, file_inodes, file_keys)
 
-    def stat_groups(self, root: bytes, shared: list[tuple[bytes, int]],
-                    first_name: dict[int, bytes]) -> None:
+    def stat_groups(self, root: bytes, file_inodes: array[int], file_keys: list[bytes]) -> None:
         """``lstat`` the regular files that share a directory-entry inode number with another
-        one (hard-link groups inside the layer) and keep their identity and link count."""
-        names = dict.fromkeys(key for pair in shared for key in (first_name[pair[1]], pair[0]))
-        for key in names:
+        one (hard-link groups inside the layer) and keep their identity and link count.
+
+        ``file_inodes[i]`` is the inode number of ``file_keys[i]``. The shared numbers are the
+        equal neighbours of the sorted numbers: every step runs in C (``sorted``, ``map``,
+        ``compress``), and a sorted list needs half the memory of a set of the same numbers
+        (this runs while the listing is at its largest). Inode numbers come out of a walk
+        mostly ascending, which makes the sort close to linear."""
+        ordered = sorted(file_inodes)
+        shared = set(compress(ordered, map(eq, ordered, islice(ordered, 1, None))))
+        del ordered
+        if not shared:
+            return
+        for key in compress(file_keys, map(shared.__contains__, file_inodes)):
             try:
                 st = os.lstat(root + b"/" + key)
             except OSError as err:
@@ -244,6 +260,45 @@ class _Walker:
         if whiteout.is_overlay_opaque(found):
             self.listing.opaque.add(key)
         return _XWHITEOUT_DIR in found.values()
+
+
+def _plain_symlink_entry_maker() -> Callable[[bytes], Entry]:
+    """A fast ``lambda target: Entry(EntryKind.SYMLINK, target)``.
+
+    ``Entry`` is a frozen dataclass, whose ``__init__`` sets each of its eight fields through
+    ``object.__setattr__`` (~2 us a symlink on a 2-vCPU VM). Filling the slots through their
+    descriptors gives the same object (same class, equality and hash) in about half the
+    time: ~0.1 s on a tree with 100k symlinks. Used only while the slots are exactly the
+    fields this knows and the result equals the constructor's; else the constructor is used.
+    """
+    fields = ("kind", "target", "mode", "size", "uid", "gid", "inode", "nlink")
+
+    def constructed(target: bytes) -> Entry:
+        return Entry(EntryKind.SYMLINK, target)
+
+    if getattr(Entry, "__slots__", None) != fields:
+        return constructed
+    setters = [getattr(Entry, name).__set__ for name in fields]
+    set_kind, set_target, set_mode, set_size, set_uid, set_gid, set_inode, set_nlink = setters
+    new, kind = object.__new__, EntryKind.SYMLINK
+
+    def symlink_entry(target: bytes) -> Entry:
+        made = new(Entry)
+        set_kind(made, kind)
+        set_target(made, target)
+        set_mode(made, 0)
+        set_size(made, 0)
+        set_uid(made, 0)
+        set_gid(made, 0)
+        set_inode(made, None)
+        set_nlink(made, 1)
+        return made
+
+    # the defaults above must be the dataclass's: same object as the constructor's, or not used
+    return symlink_entry if symlink_entry(b"t") == constructed(b"t") else constructed
+
+
+_symlink_entry = _plain_symlink_entry_maker()
 
 
 def _show(name: bytes) -> str:
