@@ -2,7 +2,8 @@
 
 Contract:
 
-- ``open_bolt`` reads the whole file with one read through an ``O_RDONLY`` descriptor. It never
+- ``open_bolt`` reads the meta pages, then everything below the high-water mark with one read,
+  through an ``O_RDONLY`` descriptor. It never
   takes a lock (a live containerd holds ``LOCK_EX`` for its whole lifetime, so bbolt's own
   ``LOCK_SH`` would hang), never writes and never maps the file.
 - The whole tree reachable from the chosen meta page is decoded and checked at open time, so a
@@ -50,10 +51,13 @@ META_PAGE = 0x04
 FREELIST_PAGE = 0x10
 BUCKET_LEAF_FLAG = 0x01
 PGID_NO_FREELIST = 0xFFFF_FFFF_FFFF_FFFF
+_TREE_PAGE_FLAGS = (BRANCH_PAGE, LEAF_PAGE)
 
 PAGE_HEADER = struct.Struct("<QHHI")
 META_BODY = struct.Struct("<IIIIQQQQQQ")
 BUCKET_HEADER = struct.Struct("<QQ")
+INLINE_HEAD = struct.Struct("<QQQHHI")  # bucket header, then an inline page's header
+INLINE_HEAD_SIZE = 32
 ELEMENT_SIZE = 16
 PAGE_HEADER_SIZE = 16  # PAGE_HEADER.size, as a constant for the hot loops
 BUCKET_HEADER_SIZE = 16
@@ -134,6 +138,18 @@ class Bucket:
         """All keys in order."""
         return iter(self._entries)
 
+    def text_keys(self) -> tuple[str, ...]:
+        """All keys in order, decoded as UTF-8 with ``surrogateescape`` (bytes survive)."""
+        return tuple([key.decode("utf-8", "surrogateescape") for key in self._entries])
+
+    def text_values(self) -> dict[str, str]:
+        """Only the plain values, keys and values decoded as in :meth:`text_keys`."""
+        return {
+            key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
+            for key, value in self._entries.items()
+            if type(value) is bytes
+        }
+
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
@@ -180,25 +196,33 @@ def open_bolt(
 
     Raises ``NotFound`` if it does not exist, ``BadInput`` if it is not a readable regular
     file, ``CorruptStore`` for any defect and ``StoreChanged`` if its meta pages kept moving
-    over ``retries`` re-reads. ``_after_read(attempt)`` is a test hook run after each whole-file
-    read, before the meta pages are read again.
+    over ``retries`` re-reads. ``_after_read(attempt)`` is a test hook run after each read of the
+    file, before the meta pages are read again.
     """
     name = os.fspath(path)
     fd = _open_read_only(name)
     try:
         first_txid = None
         for attempt in range(retries + 1):
-            data = _read_all(fd)
-            if _after_read is not None:
-                _after_read(attempt)
             meta: _Meta | None = None
             error: CorruptStore | None = None
             result: BoltFile | None = None
+            data = b""
+            size = os.fstat(fd).st_size
             try:
-                meta = _choose_meta(_memory_reader(data), name, len(data))
-                result = _Decoder(data, meta, name).decode()
+                meta = _choose_meta(_file_reader(fd), name, size)
+                # Pages at or past the high-water mark are never referenced by a valid tree:
+                # bbolt grows files ahead of use, so this often skips a large tail.
+                data = _read_upto(fd, min(size, meta.high_water_mark * meta.page_size))
             except CorruptStore as exc:
                 error = exc
+            if _after_read is not None:
+                _after_read(attempt)
+            if meta is not None and error is None:
+                try:
+                    result = _Decoder(data, meta, name, size).decode()
+                except CorruptStore as exc:
+                    error = exc
             if first_txid is None and meta is not None:
                 first_txid = meta.txid
             if _meta_identity(meta) == _meta_identity(_reread_meta(fd, name)):
@@ -236,30 +260,30 @@ def _open_read_only(name: str) -> int:
     return fd
 
 
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
+def _read_upto(fd: int, limit: int) -> bytes:
+    """The file's first ``limit`` bytes (fewer if it ends sooner), in as few reads as it takes."""
     chunks: list[bytes] = []
     offset = 0
-    while True:
-        chunk = os.pread(fd, max(size - offset, 1 << 16), offset)
+    while offset < limit:
+        chunk = os.pread(fd, limit - offset, offset)
         if not chunk:
             break
         chunks.append(chunk)
         offset += len(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 _Reader = Callable[[int, int], bytes]
 
 
-def _memory_reader(data: bytes) -> _Reader:
-    return lambda offset, length: data[offset : offset + length]
+def _file_reader(fd: int) -> _Reader:
+    return lambda offset, length: os.pread(fd, length, offset)
 
 
 def _reread_meta(fd: int, name: str) -> _Meta | None:
     size = os.fstat(fd).st_size
     try:
-        return _choose_meta(lambda offset, length: os.pread(fd, length, offset), name, size)
+        return _choose_meta(_file_reader(fd), name, size)
     except CorruptStore:
         return None
 
@@ -329,8 +353,9 @@ def _probe_second_meta(read: _Reader) -> _Meta | str:
 class _Decoder:
     """Decodes every page reachable from one meta, checking each as bbolt's FastCheck would."""
 
-    def __init__(self, data: bytes, meta: _Meta, name: str) -> None:
+    def __init__(self, data: bytes, meta: _Meta, name: str, file_size: int) -> None:
         self.data = data
+        self.file_size = file_size
         self.meta = meta
         self.name = name
         self.page_size = meta.page_size
@@ -348,7 +373,7 @@ class _Decoder:
             high_water_mark=meta.high_water_mark,
             freelist_pgid=meta.freelist,
             meta_page=meta.page,
-            file_size=len(self.data),
+            file_size=self.file_size,
         )
 
     def _corrupt(self, message: str) -> CorruptStore:
@@ -356,6 +381,26 @@ class _Decoder:
 
     def _page(self, pgid: int, referrer_where: _Where) -> tuple[int, int, int, int]:
         """Check page ``pgid`` and claim it; returns (offset, end, flags, count)."""
+        hwm = self.meta.high_water_mark
+        data = self.data
+        size = len(data)
+        page_size = self.page_size
+        offset = pgid * page_size
+        if 2 <= pgid < hwm and offset + page_size <= size:
+            page_id, flags, count, overflow = PAGE_HEADER.unpack_from(data, offset)
+            end = offset + (overflow + 1) * page_size
+            seen = self.seen
+            # The common page: one test for all checks; any failure is explained below.
+            if (page_id == pgid and flags in _TREE_PAGE_FLAGS
+                    and not overflow and end <= size
+                    and PAGE_HEADER_SIZE + count * ELEMENT_SIZE <= page_size
+                    and pgid not in seen):
+                seen.add(pgid)
+                return offset, end, flags, count
+        return self._checked_page(pgid, referrer_where)
+
+    def _checked_page(self, pgid: int, referrer_where: _Where) -> tuple[int, int, int, int]:
+        """``_page`` with every check spelled out: overflow pages and all defects."""
         hwm = self.meta.high_water_mark
         if pgid < 2:
             raise self._corrupt(f"page {pgid}: {_place(referrer_where)} points to a meta page")
@@ -400,28 +445,35 @@ class _Decoder:
     def _tree(self, root: int, referrer: _Where, depth: int) -> dict[bytes, bytes | Bucket]:
         """All entries of the B+tree at ``root``, in key order, walked without recursion."""
         entries: dict[bytes, bytes | Bucket] = {}
+        offset, end, flags, count = self._page(root, referrer)
+        if flags == LEAF_PAGE:  # the usual small bucket: one leaf page, no stack needed
+            self._leaf(offset + PAGE_HEADER_SIZE, end, count, entries, root, None, depth)
+            return entries
         last_key: bytes | None = None
-        stack: list[tuple[int, _Where]] = [(root, referrer)]
-        data = self.data
+        stack = self._children(root, offset, end, count)
         while stack:
             pgid, referrer = stack.pop()
             offset, end, flags, count = self._page(pgid, referrer)
-            where: _Where = pgid
             if flags == LEAF_PAGE:
                 last_key = self._leaf(offset + PAGE_HEADER_SIZE, end, count, entries,
-                                      where, last_key, depth)
-                continue
-            fields = _branch_struct(count).unpack_from(data, offset + PAGE_HEADER_SIZE)
-            children: list[tuple[int, _Where]] = []
-            element = offset + PAGE_HEADER_SIZE
-            for index in range(count):
-                pos, ksize, child = fields[3 * index : 3 * index + 3]
-                if element + pos + ksize > end:
-                    raise self._corrupt(f"{_place(where)}: branch element {index} out of bounds")
-                children.append((child, where))
-                element += ELEMENT_SIZE
-            stack.extend(reversed(children))
+                                      pgid, last_key, depth)
+            else:
+                stack += self._children(pgid, offset, end, count)
         return entries
+
+    def _children(self, pgid: int, offset: int, end: int, count: int) -> list[tuple[int, _Where]]:
+        """The children of branch page ``pgid``, last first (the order to push them)."""
+        fields = _branch_struct(count).unpack_from(self.data, offset + PAGE_HEADER_SIZE)
+        children: list[tuple[int, _Where]] = []
+        element = offset + PAGE_HEADER_SIZE
+        for index in range(count):
+            pos, ksize, child = fields[3 * index : 3 * index + 3]
+            if element + pos + ksize > end:
+                raise self._corrupt(f"page {pgid}: branch element {index} out of bounds")
+            children.append((child, pgid))
+            element += ELEMENT_SIZE
+        children.reverse()
+        return children
 
     def _leaf(
         self,
@@ -438,8 +490,10 @@ class _Decoder:
         This loop runs once per key in the file; keep it lean.
         """
         data = self.data
-        fields = iter(_leaf_struct(count).unpack_from(data, elements))
+        layout = _LEAF_STRUCTS.get(count) or _leaf_struct(count)
+        fields = iter(layout.unpack_from(data, elements))
         element = elements
+        bucket = self._bucket
         for flags, pos, ksize, vsize in zip(fields, fields, fields, fields, strict=False):
             key_end = element + pos + ksize
             value_end = key_end + vsize
@@ -451,7 +505,7 @@ class _Decoder:
                 raise self._corrupt(f"{_place(where)}: key {_show(key)} is out of order")
             last_key = key
             if flags & BUCKET_LEAF_FLAG:
-                entries[key] = self._bucket(key_end, value_end, key, where, depth + 1)
+                entries[key] = bucket(key_end, value_end, key, where, depth + 1)
             else:
                 entries[key] = data[key_end:value_end]
             element += ELEMENT_SIZE
@@ -459,6 +513,28 @@ class _Decoder:
 
     def _bucket(self, start: int, end: int, key: bytes, where: _Where, depth: int) -> Bucket:
         """Decode the bucket whose header and optional inline page are ``data[start:end]``."""
+        # The common inline bucket (a record's labels, children): header and page header in
+        # one unpack, all checks in one test; anything else takes the spelled-out path.
+        size = end - start
+        if size == BUCKET_HEADER_SIZE and depth <= MAX_BUCKET_DEPTH:
+            root, sequence = BUCKET_HEADER.unpack_from(self.data, start)
+            if root:
+                return Bucket(self._tree(root, (where, "bucket", key), depth), sequence, root)
+        elif size >= INLINE_HEAD_SIZE and depth <= MAX_BUCKET_DEPTH:
+            root, sequence, _, flags, count, _ = INLINE_HEAD.unpack_from(self.data, start)
+            elements = start + INLINE_HEAD_SIZE
+            if root == 0 and flags == LEAF_PAGE and elements + count * ELEMENT_SIZE <= end:
+                entries: dict[bytes, bytes | Bucket] = {}
+                if count:
+                    self._leaf(elements, end, count, entries, (where, "inline bucket", key),
+                               None, depth)
+                return Bucket(entries, sequence, 0)
+        return self._checked_bucket(start, end, key, where, depth)
+
+    def _checked_bucket(
+        self, start: int, end: int, key: bytes, where: _Where, depth: int
+    ) -> Bucket:
+        """``_bucket`` with every check spelled out: nested buckets and all defects."""
         if depth > MAX_BUCKET_DEPTH or end - start < BUCKET_HEADER_SIZE:
             label = f"{_place(where)}: bucket {_show(key)}"
             if depth > MAX_BUCKET_DEPTH:

@@ -10,6 +10,7 @@ gives back the stored bytes. Nothing here touches the snapshotter DBs or the con
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -20,6 +21,11 @@ from crifs.containerd.encoding import read_gotime, read_varint
 from crifs.errors import CorruptStore
 
 T = TypeVar("T")
+
+_GOTIME_HEAD = struct.Struct(">BqiH")  # version, seconds since year 1, nanoseconds, zone
+_GO_EPOCH = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
+_MAX_GO_SECONDS = 315537897600  # 10000-01-01, the first instant datetime cannot hold
+_timedelta = dt.timedelta
 
 
 def text(b: bytes) -> str:
@@ -211,18 +217,24 @@ class _Decoder:
             raise self.corrupt("/".join(where), f"bad varint encoding ({err})") from None
 
     def time(self, value: bytes, *where: str) -> dt.datetime:
+        # The usual value (a time containerd wrote) decoded here, about 3x cheaper than
+        # read_gotime (keyword timedelta); anything else, valid or not, goes through
+        # read_gotime for the same value or error.
+        if len(value) == 15 or len(value) == 16:
+            version, seconds, nanos, _ = _GOTIME_HEAD.unpack_from(value)
+            if (len(value) == 14 + version and 0 <= nanos < 1_000_000_000
+                    and 0 <= seconds < _MAX_GO_SECONDS):
+                return _GO_EPOCH + _timedelta(0, seconds, nanos // 1000)
         try:
             return read_gotime(value)
         except ValueError as err:
             raise self.corrupt("/".join(where), f"bad time encoding ({err})") from None
 
     def strings(self, bucket: Bucket | None) -> dict[str, str]:
-        if bucket is None:
-            return {}
-        return {text(k): text(v) for k, v in bucket.values()}
+        return bucket.text_values() if bucket is not None else {}
 
     def keys(self, bucket: Bucket | None) -> tuple[str, ...]:
-        return tuple(text(k) for k, _ in bucket.items()) if bucket is not None else ()
+        return bucket.text_keys() if bucket is not None else ()
 
     def each_bucket(self, parent: Bucket | None, where: str,
                     decode: Callable[[str, Bucket, str], T]) -> Iterator[T]:

@@ -224,38 +224,36 @@ def read_snapshotter_db(name: str, root: str) -> SnapshotterDB:
 
 
 def _record(key: str, b: Bucket, db_path: str) -> BackendRecord:
-    where = f"v1/snapshots/{key}"
-
-    def corrupt(field_name: str, problem: str) -> CorruptStore:
-        return CorruptStore(f"{where}/{field_name}: {problem}", path=db_path)
-
+    # Runs once per record: the bolt path of a bad value is built only on failure.
     snapshot_id = parent = created = updated = size = inodes = None
     kind = SnapshotKind.UNKNOWN
     labels: dict[str, str] = {}
-    for k, v in b.items():
-        if not isinstance(v, bytes):
-            if k == s.LABELS:
-                labels = {text(lk): text(lv) for lk, lv in v.values()}
-            continue
-        try:
-            if k == s.ID:
+    k = b""
+    try:
+        for k, v in b.items():
+            if isinstance(v, Bucket):
+                if k == s.LABELS:
+                    labels = v.text_values()
+                continue
+            if k == s.CREATED_AT:
+                created = _checked_time(v)
+            elif k == s.UPDATED_AT:
+                updated = created if v == created else _checked_time(v)
+            elif k == s.ID:
                 snapshot_id = _uvarint(v)
             elif k == s.KIND:
                 # containerd reads a kind only when it is exactly one byte.
                 kind = KINDS.get(v[0], SnapshotKind.UNKNOWN) if len(v) == 1 else kind
             elif k == s.PARENT:
                 parent = text(v) or None
-            elif k == s.CREATED_AT:
-                created = _checked_time(v)
-            elif k == s.UPDATED_AT:
-                updated = _checked_time(v)
             elif k == s.SIZE:
                 size = _varint(v)
             elif k == s.INODES:
                 inodes = _varint(v)
-        except ValueError as err:
-            encoding = "time" if k in (s.CREATED_AT, s.UPDATED_AT) else "varint"
-            raise corrupt(text(k), f"bad {encoding} encoding ({err})") from None
+    except ValueError as err:
+        encoding = "time" if k in (s.CREATED_AT, s.UPDATED_AT) else "varint"
+        raise CorruptStore(f"v1/snapshots/{key}/{text(k)}: bad {encoding} encoding ({err})",
+                           path=db_path) from None
     return BackendRecord(key, snapshot_id, kind, parent, labels, size, inodes, created, updated)
 
 

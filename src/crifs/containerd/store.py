@@ -279,43 +279,51 @@ class ContainerdStore:
 
     @cached_property
     def _all_snapshots(self) -> list[Snapshot]:
-        return [self._snapshot(r) for r in self.snapshot_records()]
+        # One loop per (namespace, snapshotter) with the lookups hoisted: this builds every
+        # listed snapshot (10,000 for a big store), so per-snapshot work is kept to the model.
+        out: list[Snapshot] = []
+        append = out.append
+        committed = SnapshotKind.COMMITTED
+        for ns in self.meta.namespaces.values():
+            for ss, records in ns.snapshots.items():
+                db = self._snapshotters.get(ss)
+                if db is None:
+                    out.extend(self._missing(r) for r in records)
+                    continue
+                backends = db.records
+                own_dir = db.own_dir
+                for r in records:
+                    backend = backends.get(r.name) if r.name else None
+                    if backend is None:
+                        append(self._missing(r))
+                        continue
+                    kind = backend.kind
+                    stored = None
+                    if kind is committed:
+                        stored = Usage(backend.size or 0, backend.inodes or 0)
+                    labels = {**backend.labels, **r.labels} if backend.labels else r.labels
+                    append(Snapshot(
+                        CONTAINERD, r.key, kind, ss, r.namespace, r.parent,
+                        str(backend.id) if backend.id is not None else None,
+                        r.name, own_dir(backend), labels, r.created, r.updated, stored,
+                    ))
+        return out
 
-    def _snapshot(self, r: SnapshotRecord) -> Snapshot:
-        db = self._snapshotters.get(r.snapshotter)
-        backend = db.records.get(r.name) if db is not None and r.name else None
-        if db is None or backend is None:
-            return Snapshot(
-                runtime=CONTAINERD,
-                key=r.key,
-                kind=SnapshotKind.UNKNOWN,
-                snapshotter=r.snapshotter,
-                namespace=r.namespace,
-                parent=r.parent,
-                backend_key=r.name,
-                labels=r.labels,
-                created=r.created,
-                updated=r.updated,
-                flags={"backend_missing": True},
-            )
-        labels = {**backend.labels, **r.labels} if backend.labels else r.labels
-        stored = None
-        if backend.kind is SnapshotKind.COMMITTED:
-            stored = Usage(disk_bytes=backend.size or 0, inodes=backend.inodes or 0)
+    @staticmethod
+    def _missing(r: SnapshotRecord) -> Snapshot:
+        """A ``meta.db`` record whose snapshotter has no record (or no database) for it."""
         return Snapshot(
             runtime=CONTAINERD,
             key=r.key,
-            kind=backend.kind,
+            kind=SnapshotKind.UNKNOWN,
             snapshotter=r.snapshotter,
             namespace=r.namespace,
             parent=r.parent,
-            id=str(backend.id) if backend.id is not None else None,
             backend_key=r.name,
-            path=db.own_dir(backend),
-            labels=labels,
+            labels=r.labels,
             created=r.created,
             updated=r.updated,
-            stored_usage=stored,
+            flags={"backend_missing": True},
         )
 
     def _backend(self, snapshot: Snapshot) -> tuple[SnapshotterDB, BackendRecord]:

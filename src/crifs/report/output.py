@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TextIO
@@ -43,7 +43,7 @@ def write_document(doc: dict[str, Any], fmt: Format, out: TextIO | None = None) 
 
         yaml.safe_dump(doc, out, sort_keys=False, allow_unicode=True, width=10**6)
         return
-    encode = json.JSONEncoder(ensure_ascii=False).encode
+    encode = _row_encoder()
     parts = ["{"]
     items = list(doc.items())
     for n, (name, value) in enumerate(items):
@@ -56,6 +56,29 @@ def write_document(doc: dict[str, Any], fmt: Format, out: TextIO | None = None) 
             parts.append(f"\n  {key}: {encode(value)}{sep}")
     parts.append("\n}\n")
     out.write("".join(parts))
+
+
+def _row_encoder() -> Callable[[Any], str]:
+    """``json.JSONEncoder(ensure_ascii=False).encode``, minus its per-call set-up.
+
+    ``encode`` builds a new C encoder for every call; with one call per record that set-up
+    costs as much as the encoding itself. The C encoder is built once here (same arguments
+    ``JSONEncoder.iterencode`` passes), falling back to ``encode`` where it does not exist.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    one_shot = make({}, encoder.default, json.encoder.encode_basestring, None,
+                    encoder.key_separator, encoder.item_separator, encoder.sort_keys,
+                    encoder.skipkeys, encoder.allow_nan)
+
+    def encode(value: Any) -> str:
+        if isinstance(value, str):
+            return json.encoder.encode_basestring(value)
+        return "".join(one_shot(value, 0))
+
+    return encode
 
 
 @dataclass
