@@ -13,30 +13,9 @@ from hypothesis import strategies as st
 from crifs.check.fixes import ln_command, relative_path, shell_quote
 from crifs.check.hardlinks import hardlink_findings, hardlink_groups
 from crifs.check.links import SEVERITY, LinkVerdict, Verdict, audit
-from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind, LayerListing
+from crifs.fs.listing import Entry, EntryKind, LayerListing
 from crifs.fs.merged import MergedView
-
-
-def layer(index: int, spec: dict[bytes, bytes]) -> LayerListing:
-    """``{path: "dir" | "file" | "wh" | "opq" | "->TARGET" | "=>HARDLINK_TARGET"}``."""
-    listing = LayerListing(index, f"layer {index}")
-    for path, what in spec.items():
-        if what == b"dir":
-            listing.entries[path] = PLAIN_DIR
-        elif what == b"file":
-            listing.entries[path] = PLAIN_FILE
-        elif what == b"wh":
-            listing.whiteouts.add(path)
-        elif what == b"opq":
-            listing.opaque.add(path)
-            listing.entries[path] = PLAIN_DIR
-        elif what.startswith(b"->"):
-            listing.entries[path] = Entry(EntryKind.SYMLINK, what[2:])
-        elif what.startswith(b"=>"):
-            listing.entries[path] = Entry(EntryKind.HARDLINK, what[2:])
-        else:
-            raise AssertionError(what)
-    return listing
+from listing_cases import layer
 
 
 def verdicts(*layers: LayerListing, host_root: str | None = None) -> dict[bytes, LinkVerdict]:

@@ -32,15 +32,14 @@ are not UTF-8 as ``\\xNN``.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from crifs.check.fixes import basename_fixes, ln_command, reading_fix
 from crifs.check.hardlinks import HardlinkFinding, hardlink_findings
+from crifs.fs.gcpause import gc_paused
 from crifs.fs.listing import EntryKind, LayerListing
 from crifs.fs.merged import OPAQUE, WHITEOUT, Deletion, MergedView, Node, fast_constructor
 from crifs.fs.resolve import (
@@ -163,26 +162,12 @@ def audit(
     thousand symlinks. ``view`` may pass a ``MergedView`` already built from ``layers``.
     """
     stack = list(layers)
-    with _gc_paused():
+    with gc_paused():
         merged = view if view is not None else MergedView(stack)
         verdicts = judge_links(
             merged, host_root=host_root, runtime_paths=runtime_paths, progress=progress
         )
         return LinkAudit(stack, verdicts, hardlink_findings(stack))
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection during an audit: it creates a verdict per link and no
-    cycles, and with a million-entry listing alive every full collection walks it all for
-    nothing. The previous state is restored."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def judge_links(

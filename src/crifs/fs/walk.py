@@ -31,16 +31,15 @@ directory removed during the walk) becomes a sentence in ``problems`` and the wa
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import stat
 from array import array
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from itertools import compress, islice
 from operator import eq
 
 from crifs.errors import BadInput, NotFound, UnsafePath
+from crifs.fs.gcpause import gc_paused
 from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind, LayerListing
 from crifs.fs.mounts import mount_points
 from crifs.oci import whiteout
@@ -311,17 +310,3 @@ def _mounts_below(root: bytes) -> set[bytes]:
     real = os.path.realpath(root).rstrip(b"/") + b"/"
     return {os.fsencode(point)[len(real):] for point, _ in mount_points()
             if os.fsencode(point).startswith(real)}
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a listing is built: a million new objects would
-    trigger full collections that find nothing to free (~10% of a big walk). The previous
-    state is restored."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()

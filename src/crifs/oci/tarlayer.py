@@ -42,8 +42,8 @@ from collections.abc import Iterator
 from typing import IO, Any, BinaryIO, Literal
 
 from crifs.errors import CorruptStore, NotFound
+from crifs.fs.gcpause import gc_paused
 from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind, LayerListing, normalize
-from crifs.fs.walk import gc_paused
 from crifs.oci import whiteout
 
 MAX_EXAMPLES = 20  # problems of one kind spelled out before they are only counted
