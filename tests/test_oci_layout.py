@@ -77,6 +77,7 @@ def test_oci_archive_matches_the_layout(tmp_path: Path, compression: str | None)
         assert [x.entries for x in la] == [x.entries for x in lb]
         assert [x.whiteouts for x in la] == [x.whiteouts for x in lb]
     first = from_tar.listings(from_tar.images()[0])[0]
+    assert first.ident is not None
     assert first.source == f"{archive}:blobs/sha256/{first.ident[7:]}"
 
 
@@ -137,7 +138,7 @@ def _docker_save(dest: Path, layers: list[bytes], tags: list[str], *,
         info.size = len(data) if data is not None else 0
         members.append((info, data))
 
-    layer_paths = []
+    layer_paths: list[str] = []
     for i, raw in enumerate(layers):
         layer_id = hashlib.sha256(f"layer{i}".encode()).hexdigest()
         add(layer_id, kind=tarfile.DIRTYPE)

@@ -22,7 +22,7 @@ from crifs.errors import CorruptStore, NotFound
 from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind
 from crifs.oci.tarlayer import MAX_EXAMPLES, FileRange, read_layer_tar
 from ocibuild import Entry as E
-from ocibuild import layer
+from ocibuild import Kind, layer
 
 ENGINES = ("libarchive", "tarfile")
 
@@ -290,7 +290,8 @@ def test_missing_file_is_not_found(tmp_path: Path) -> None:
 def test_readers_agree_on_a_mixed_layer(tmp_path: Path) -> None:
     entries = [E("d", "dir")]
     for i in range(300):
-        kind = ("file", "symlink", "hardlink", "dir", "whiteout", "fifo")[i % 6]
+        kinds: tuple[Kind, ...] = ("file", "symlink", "hardlink", "dir", "whiteout", "fifo")
+        kind = kinds[i % 6]
         target = {"symlink": f"../t{i}", "hardlink": "d/f0"}.get(kind, "")
         entries.append(E(f"d/f{i}", kind, target=target, data=b"z" * i))
     entries.append(E("d/x", "opaque"))
