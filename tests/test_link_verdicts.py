@@ -237,6 +237,29 @@ def test_fix_basename_found_once_elsewhere() -> None:
     assert got[b"/usr/share/doc/amb"].fix is None  # "same" occurs twice
 
 
+def test_fix_near_miss_name_in_the_directory_looked_in() -> None:
+    got = verdicts(
+        layer(
+            0,
+            {
+                **BASE,
+                b"app": b"dir",
+                b"app/config.yaml": b"file",
+                b"app/current": b"->config.yml",
+                b"app/abs": b"->/app/config.yml",
+                b"app/v1.1.so": b"file",
+                b"app/v1.2.so": b"file",
+                b"app/tie": b"->v1.3.so",
+                b"app/far": b"->completely-different",
+            },
+        )
+    )
+    assert got[b"/app/current"].fix == "ln -sf config.yaml /app/current"
+    assert got[b"/app/abs"].fix == "ln -sf /app/config.yaml /app/abs"  # keeps the style
+    assert got[b"/app/tie"].fix is None  # two equally close names: no guess
+    assert got[b"/app/far"].fix is None
+
+
 def test_fix_never_for_runtime_or_ok_and_links_to_itself_are_skipped() -> None:
     got = verdicts(layer(0, {b"d": b"dir", b"d/loner": b"->../loner"}))
     assert got[b"/d/loner"].fix is None  # the only "loner" is the link itself

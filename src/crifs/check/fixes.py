@@ -6,7 +6,13 @@ Readings, tried in order, the first that resolves in the image wins:
 2. a relative target read as absolute from the rootfs root (``usr/lib/x`` → ``/usr/lib/x``);
 3. the target's basename found exactly once elsewhere in the image, linked by a relative path
    from the link's directory (``../lib/x``); this one needs a pass over every path, so it runs
-   once for all links that are still without a fix (``basename_fixes``).
+   once for all links that are still without a fix (``basename_fixes``);
+4. a near miss: the one name in the directory where the target was looked for that is close
+   to the missing name (``config.yml`` when ``config.yaml`` is there: a typo or a version
+   bump; same first three bytes, length within three), again one pass for all links left
+   (``near_name_fixes``). Bounded, so a million-entry
+   tree with thousands of broken links stays fast: directories of at most
+   :data:`NEAR_MAX_SIBLINGS` names, at most :data:`NEAR_MAX_LINKS` links.
 
 A fix is printed as the ``ln -sf`` that would make it, shell-quoted; bytes that are not
 printable UTF-8 are written in ``$'\\xNN'`` form, which bash, zsh, ksh and busybox sh read.
@@ -14,6 +20,7 @@ printable UTF-8 are written in ``$'\\xNN'`` form, which bash, zsh, ksh and busyb
 
 from __future__ import annotations
 
+import difflib
 import operator
 import shlex
 from collections.abc import Collection, Iterable, Mapping
@@ -22,6 +29,9 @@ from itertools import compress, repeat
 from crifs.fs.resolve import LinkResolver
 
 _NOT_NAMES = (b"", b".", b"..")
+NEAR_MAX_SIBLINGS = 256
+NEAR_MAX_LINKS = 1000
+NEAR_CUTOFF = 0.8  # difflib ratio: "config.yml" vs "config.yaml" is 0.95
 
 
 def shell_quote(raw: bytes) -> str:
@@ -128,3 +138,62 @@ def _find_names(
         if len(places) < 2:
             places.append(path)
     return found
+
+
+def near_name_fixes(
+    resolver: LinkResolver, wanted: Mapping[int, tuple[bytes, bytes, bytes]]
+) -> dict[int, bytes]:
+    """Reading 4 (see the module doc): ``{key: new_target}`` for the links that have one.
+
+    ``wanted`` maps a caller's key to ``(link_path, target, looked_for)``, all absolute but the
+    target; ``looked_for`` is the path the target named, whose last component is missing. The
+    new target keeps the link's style: relative when the old one was.
+    """
+    by_dir: dict[bytes, list[int]] = {}
+    for key, (_, _, looked_for) in list(wanted.items())[:NEAR_MAX_LINKS]:
+        parent, _, name = looked_for.rpartition(b"/")
+        if name not in _NOT_NAMES:
+            by_dir.setdefault(parent.lstrip(b"/"), []).append(key)
+    if not by_dir:
+        return {}
+    siblings: dict[bytes, list[bytes]] = {d: [] for d in by_dir}
+    first = operator.itemgetter(0)
+    paths = resolver.view.paths()
+    paths = paths if isinstance(paths, Collection) else list(paths)
+    parents = map(first, map(bytes.rpartition, paths, repeat(b"/")))
+    for path in compress(paths, map(siblings.__contains__, parents)):  # C-level filter
+        parent, _, name = path.rpartition(b"/")
+        names = siblings[parent]
+        if len(names) <= NEAR_MAX_SIBLINGS:
+            names.append(name)
+    fixes: dict[int, bytes] = {}
+    for directory, keys in by_dir.items():
+        names = siblings[directory]
+        if not names or len(names) > NEAR_MAX_SIBLINGS:
+            continue
+        for key in keys:
+            link_path, target, looked_for = wanted[key]
+            missing = looked_for.rpartition(b"/")[2]
+            # A cheap pre-filter (same first bytes, similar length) keeps difflib to a few
+            # candidates: comparing every sibling costs ~20 us a pair.
+            head = missing[:3]
+            likely = [n for n in names if n[:3] == head and abs(len(n) - len(missing)) <= 3]
+            close = difflib.get_close_matches(missing, likely, n=2, cutoff=NEAR_CUTOFF)
+            if len(close) != 1 and not (len(close) == 2 and _clearly_closer(missing, close)):
+                continue
+            place = b"/" + (directory + b"/" if directory else b"") + close[0]
+            if place == link_path:
+                continue
+            new_target = (
+                place if target.startswith(b"/") else relative_path(place, link_dir(link_path))
+            )
+            if resolver.resolve_target(link_path[1:], new_target).ok:
+                fixes[key] = new_target
+    return fixes
+
+
+def _clearly_closer(name: bytes, close: list[bytes]) -> bool:
+    """Of two candidates, the first is a clear winner (not a coin toss between siblings)."""
+    first, second = (difflib.SequenceMatcher(None, name, c).ratio() for c in close)
+    return first - second >= 0.05
+

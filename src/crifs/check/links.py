@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from crifs.check.fixes import basename_fixes, ln_command, reading_fix
+from crifs.check.fixes import basename_fixes, ln_command, near_name_fixes, reading_fix
 from crifs.check.hardlinks import HardlinkFinding, hardlink_findings
 from crifs.fs.gcpause import gc_paused
 from crifs.fs.listing import EntryKind, LayerListing
@@ -212,6 +212,14 @@ def judge_links(
         if item.fix is None and item.verdict in _FIXABLE
     }
     for number, new_target in basename_fixes(resolver, wanted).items():
+        item = verdicts[number]
+        verdicts[number] = dataclasses.replace(item, fix=ln_command(new_target, item.path))
+    near = {
+        number: (item.path, item.target, item.resolved)
+        for number, item in enumerate(verdicts)
+        if item.fix is None and item.verdict is Verdict.BROKEN and item.errno == "ENOENT"
+    }
+    for number, new_target in near_name_fixes(resolver, near).items():
         item = verdicts[number]
         verdicts[number] = dataclasses.replace(item, fix=ln_command(new_target, item.path))
     return verdicts
