@@ -8,7 +8,8 @@ allows: ``hoist_global_options`` moves them in front before parsing, so no comma
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import typer
 
@@ -120,6 +121,43 @@ def globals_of(ctx: typer.Context) -> Globals:
     if not isinstance(root.obj, Globals):
         root.obj = Globals()
     return root.obj
+
+
+@dataclasses.dataclass(frozen=True)
+class ScopeColumns:
+    """The leading RUNTIME / NAMESPACE / SNAPSHOTTER columns of a table, shown only when the
+    listed records differ in them (one store's listing stays as narrow as ctr's)."""
+
+    runtime: bool
+    namespace: bool
+    snapshotter: bool = False
+
+    @classmethod
+    def of(cls, items: Sequence[Any], *, snapshotter: bool = False) -> ScopeColumns:
+        return cls(
+            runtime=len({i.runtime for i in items}) > 1,
+            namespace=any(i.namespace for i in items),
+            snapshotter=snapshotter and len({i.snapshotter for i in items}) > 1,
+        )
+
+    def headers(self) -> list[str]:
+        return (
+            (["RUNTIME"] if self.runtime else [])
+            + (["NAMESPACE"] if self.namespace else [])
+            + (["SNAPSHOTTER"] if self.snapshotter else [])
+        )
+
+    def cells(self, item: Any) -> list[str]:
+        return (
+            ([item.runtime] if self.runtime else [])
+            + ([item.namespace or ""] if self.namespace else [])
+            + ([item.snapshotter] if self.snapshotter else [])
+        )
+
+
+def data_format(g: Globals) -> Format:
+    """The document format for a command with no graph: YAML when asked, else JSON."""
+    return Format.YAML if g.output is Format.YAML else Format.JSON
 
 
 def stores_of(g: Globals) -> list[Store]:

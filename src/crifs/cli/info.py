@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from crifs.cli.common import (
+    data_format,
     globals_of,
     stores_of,
 )
@@ -22,7 +23,7 @@ def info(
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
         write_document(
             document("info", "stores", [record(i) for i in infos]),
-            Format.YAML if g.output is Format.YAML else Format.JSON,
+            data_format(g),
         )
         return
     for n, i in enumerate(infos):

@@ -6,6 +6,8 @@ import typer
 
 from crifs.cli.common import (
     GLOBAL_EPILOG,
+    ScopeColumns,
+    data_format,
     globals_of,
     stores_of,
 )
@@ -27,21 +29,15 @@ def images_ls(
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
         write_document(
             document("images", "images", [record(i) for i in images]),
-            Format.YAML if g.output is Format.YAML else Format.JSON,
+            data_format(g),
         )
         return
-    show_rt = len({i.runtime for i in images}) > 1
-    show_ns = any(i.namespace for i in images)
-    table = Table(
-        (["RUNTIME"] if show_rt else [])
-        + (["NAMESPACE"] if show_ns else [])
-        + ["REF", "IMAGE ID", "DIGEST", "SIZE", "PLATFORMS"]
-    )
+    scope = ScopeColumns.of(images)
+    table = Table(scope.headers() + ["REF", "IMAGE ID", "DIGEST", "SIZE", "PLATFORMS"])
     for i in images:
         size = human_size(i.size_bytes) if i.size_bytes is not None else "-"
         table.add(
-            *([i.runtime] if show_rt else []),
-            *([i.namespace or ""] if show_ns else []),
+            *scope.cells(i),
             i.name,
             _short(i.id),
             i.digest or "",
@@ -61,20 +57,14 @@ def containers_ls(
     if g.output in (Format.JSON, Format.YAML, Format.DOT):
         write_document(
             document("containers", "containers", [record(c) for c in containers]),
-            Format.YAML if g.output is Format.YAML else Format.JSON,
+            data_format(g),
         )
         return
-    show_rt = len({c.runtime for c in containers}) > 1
-    show_ns = any(c.namespace for c in containers)
-    table = Table(
-        (["RUNTIME"] if show_rt else [])
-        + (["NAMESPACE"] if show_ns else [])
-        + ["CONTAINER", "NAMES", "IMAGE", "SNAPSHOT", "OCI RUNTIME"]
-    )
+    scope = ScopeColumns.of(containers)
+    table = Table(scope.headers() + ["CONTAINER", "NAMES", "IMAGE", "SNAPSHOT", "OCI RUNTIME"])
     for c in containers:
         table.add(
-            *([c.runtime] if show_rt else []),
-            *([c.namespace or ""] if show_ns else []),
+            *scope.cells(c),
             c.id,
             ",".join(c.names),
             c.image,
@@ -95,7 +85,7 @@ def namespaces_ls(
         recs = [{"runtime": rt, "name": ns} for rt, ns in rows]
         write_document(
             document("namespaces", "namespaces", recs),
-            Format.YAML if g.output is Format.YAML else Format.JSON,
+            data_format(g),
         )
         return
     table = Table(["NAME"])

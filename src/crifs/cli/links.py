@@ -120,8 +120,7 @@ class FindingFilter:
         if any(fnmatch.fnmatchcase(text, glob) for glob in self.ignore):
             return True
         return any(
-            (rule.verdict is None or rule.verdict == code)
-            and fnmatch.fnmatchcase(text, rule.glob)
+            (rule.verdict is None or rule.verdict == code) and fnmatch.fnmatchcase(text, rule.glob)
             for rule in self.allow
         )
 
@@ -229,13 +228,13 @@ class _Progress:
                 self._links_task = None
 
 
-def _resolve_all(specs: Sequence[str | None], g: Globals, all_images: bool
-                 ) -> list[AuditTarget]:
+def _resolve_all(specs: Sequence[str | None], g: Globals, all_images: bool) -> list[AuditTarget]:
     from crifs.check.targets import resolve_targets
 
     try:
         return [
-            t for spec in specs
+            t
+            for spec in specs
             for t in resolve_targets(
                 spec, g.selection, all_images=all_images, namespace=g.namespace
             )
@@ -258,8 +257,9 @@ def _audit_one(target: AuditTarget, progress: _Progress) -> LinkAudit:
     return result
 
 
-def _audit_all(targets: Sequence[AuditTarget], keep: FindingFilter, show_ok: bool
-               ) -> list[TargetReport]:
+def _audit_all(
+    targets: Sequence[AuditTarget], keep: FindingFilter, show_ok: bool
+) -> list[TargetReport]:
     """A report per target. With one target its error propagates (exit 2, one line); with
     several, a target that cannot be read is reported as such and the others are audited,
     so one broken image of ``--all-images`` does not hide the rest."""
@@ -275,8 +275,11 @@ def _audit_all(targets: Sequence[AuditTarget], keep: FindingFilter, show_ok: boo
                 if len(targets) == 1:
                     raise
                 print(f"crifs: {target.label}: {err}", file=sys.stderr)
-                reports.append(TargetReport(target.label, target.kind, [], error=str(err),
-                                            details=dict(target.details)))
+                reports.append(
+                    TargetReport(
+                        target.label, target.kind, [], error=str(err), details=dict(target.details)
+                    )
+                )
                 continue
             report = build_report(target, result, keep, show_ok=show_ok)
             del result
@@ -301,7 +304,8 @@ def links(
     fail_on: Annotated[
         FailOn,
         typer.Option(
-            "--fail-on", case_sensitive=False,
+            "--fail-on",
+            case_sensitive=False,
             help="Exit 1 when a finding has at least this severity.",
         ),
     ] = FailOn.ERROR,
@@ -312,7 +316,8 @@ def links(
     allow_list: Annotated[
         Path | None,
         typer.Option(
-            "--allow-list", metavar="FILE",
+            "--allow-list",
+            metavar="FILE",
             help="File of 'GLOB [VERDICT]' lines whose findings are accepted.",
         ),
     ] = None,

@@ -8,6 +8,7 @@ import typer
 
 from crifs.cli.common import (
     GLOBAL_EPILOG,
+    ScopeColumns,
     SnapshotterOpt,
     globals_of,
     stores_of,
@@ -48,13 +49,6 @@ def _one(
     return found[0]
 
 
-def _columns(pairs: list[tuple[Store, Snapshot]]) -> tuple[bool, bool, bool]:
-    runtimes = {s.runtime for _, s in pairs}
-    snapshotters = {s.snapshotter for _, s in pairs}
-    namespaces = {s.namespace for _, s in pairs}
-    return len(runtimes) > 1, namespaces != {None}, len(snapshotters) > 1
-
-
 @app.command("ls", epilog=GLOBAL_EPILOG)
 def ls(
     ctx: typer.Context,
@@ -70,22 +64,10 @@ def ls(
     if g.output is Format.DOT:
         tree_report.write_dot([s for _, s in pairs], {})
         return
-    show_rt, show_ns, show_ss = _columns(pairs)
-    cols = (
-        (["RUNTIME"] if show_rt else [])
-        + (["NAMESPACE"] if show_ns else [])
-        + (["SNAPSHOTTER"] if show_ss else [])
-        + ["KEY", "PARENT", "KIND"]
-    )
-    table = Table(cols)
+    scope = ScopeColumns.of([s for _, s in pairs], snapshotter=True)
+    table = Table(scope.headers() + ["KEY", "PARENT", "KIND"])
     for _, s in pairs:
-        cells = (
-            ([s.runtime] if show_rt else [])
-            + ([s.namespace or ""] if show_ns else [])
-            + ([s.snapshotter] if show_ss else [])
-            + [s.key, s.parent or "", s.kind.value]
-        )
-        table.add(*cells)
+        table.add(*scope.cells(s), s.key, s.parent or "", s.kind.value)
     table.render()
 
 
@@ -162,7 +144,7 @@ def usage(
         ]
         write_document(document("usage", "usage", recs), g.output)
         return
-    _, show_ns, _ = _columns(pairs)
+    show_ns = ScopeColumns.of([s for _, s in pairs]).namespace
     table = Table((["NAMESPACE"] if show_ns else []) + ["KEY", "SIZE", "INODES"])
     for s, u in rows:
         size = str(u.disk_bytes) if raw_bytes else human_size(u.disk_bytes)
