@@ -17,7 +17,7 @@ from crifs.demo import build_sandbox
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_sandbox(tmp_path_factory.mktemp("demo") / "sandbox")
+    return build_sandbox(tmp_path_factory.mktemp("demo") / "sandbox", faults=False)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -75,7 +75,7 @@ def _globals(
 
 
 def _register() -> None:
-    from crifs.cli import demo, info, inventory, links, snapshots
+    from crifs.cli import check, demo, info, inventory, links, snapshots
 
     app.add_typer(snapshots.app, name="snapshots")
     app.add_typer(inventory.images_app, name="images")
@@ -83,6 +83,8 @@ def _register() -> None:
     app.add_typer(inventory.namespaces_app, name="namespaces")
     app.command("info", epilog=common.GLOBAL_EPILOG)(info.info)
     app.command("links", epilog=common.GLOBAL_EPILOG)(links.links)
+    app.command("check", epilog=common.GLOBAL_EPILOG)(check.check)
+    app.command("gc", epilog=common.GLOBAL_EPILOG)(check.gc)
     app.command("demo")(demo.demo)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from crifs.containerd.boltwrite import write_bolt
 from crifs.containerd.encoding import encode_gotime, encode_uvarint, encode_varint
+from crifs.demo.faults import plant_containerd_db_faults, plant_containerd_file_faults
 from crifs.demo.images import BuiltImage, extract
 from crifs.fs.usage import disk_usage
 
@@ -72,6 +73,7 @@ class _Namespace:
     containers: Tree = field(default_factory=dict)
     snapshots: Tree = field(default_factory=dict)
     blobs: Tree = field(default_factory=dict)
+    leases: Tree = field(default_factory=dict)
     backend_names: dict[str, str] = field(default_factory=dict)
 
     def snapshot(
@@ -163,11 +165,14 @@ class _Namespace:
             ns[b"images"] = self.images
         if self.containers:
             ns[b"containers"] = self.containers
+        if self.leases:
+            ns[b"leases"] = self.leases
         return ns
 
 
-def build_containerd_root(root: Path, images: list[BuiltImage]) -> Path:
-    """Write a containerd root under ``root``; return it."""
+def build_containerd_root(root: Path, images: list[BuiltImage], *, faults: bool = False) -> Path:
+    """Write a containerd root under ``root``; return it. ``faults`` plants the demo's faults
+    (``crifs.demo.faults``)."""
     web, tools = images
     backend = _Backend(root)
     default = _Namespace("default")
@@ -180,6 +185,8 @@ def build_containerd_root(root: Path, images: list[BuiltImage]) -> Path:
             backend, image, [image.name, f"{repo}@{image.manifest.digest}", image.config.digest]
         )
     k8s.container(backend, "web-1", web, [])
+    if faults:
+        plant_containerd_db_faults(backend, default)
     _write_blobs(root, images)
     namespaces = {b"default": default, b"k8s.io": k8s}
     meta: Tree = {b"v1": {b"version": encode_varint(3)}}
@@ -198,6 +205,8 @@ def build_containerd_root(root: Path, images: list[BuiltImage]) -> Path:
         sequences={(b"v1", b"snapshots"): backend.next_id - 1},
         txid=17,
     )
+    if faults:
+        plant_containerd_file_faults(root)
     return root
 
 

@@ -13,6 +13,7 @@ import json
 import random
 from pathlib import Path
 
+from crifs.demo.faults import plant_cstorage_faults
 from crifs.demo.images import BuiltImage, DemoFile, extract
 
 CREATED = "2026-11-01T12:00:00Z"
@@ -87,8 +88,9 @@ def _big_data_name(key: str) -> str:
     return "=" + base64.b64encode(key.encode()).decode()
 
 
-def build_cstorage_root(root: Path, images: list[BuiltImage]) -> Path:
-    """Write a graphroot under ``root``; return it."""
+def build_cstorage_root(root: Path, images: list[BuiltImage], *, faults: bool = False) -> Path:
+    """Write a graphroot under ``root``; return it. ``faults`` plants the demo's faults
+    (``crifs.demo.faults``)."""
     graph = _Graph(root)
     image_recs: list[dict[str, object]] = []
     tops: dict[str, str] = {}
@@ -149,6 +151,8 @@ def build_cstorage_root(root: Path, images: list[BuiltImage]) -> Path:
         }
     ]
     (root / "overlay-containers" / container_id / "userdata").mkdir(parents=True)
+    if faults:
+        plant_cstorage_faults(root, graph.layers, graph.links, graph.add_layer)
     for sub, name, recs in (
         ("overlay-layers", "layers.json", graph.layers),
         ("overlay-images", "images.json", image_recs),
