@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from crifs.model import Usage
 from crifs.repair.actions import Action
 
 
@@ -104,3 +105,10 @@ class CheckOptions:
 
     def clock(self) -> dt.datetime:
         return self.now or dt.datetime.now(dt.UTC)
+
+
+def reclaimable_of(usage: Usage | None) -> Reclaimable | None:
+    """A measured ``Usage`` (``fs.usage.Meter.measure``) as a finding's reclaimable space."""
+    if usage is None:
+        return None
+    return Reclaimable(usage.apparent_bytes or 0, usage.disk_bytes, usage.inodes)
