@@ -11,6 +11,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from crifs.model import Usage
 from crifs.repair.actions import Action
@@ -81,12 +82,12 @@ class Finding:
     namespace: str | None = None
     reclaimable: Reclaimable | None = None
     repair: Repair | None = None
-    evidence: Mapping[str, object] = field(default_factory=dict)
+    evidence: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def identity(self) -> tuple[str, str, str | None, str]:
+    def identity(self) -> tuple[str, str, str | None, str, str | None]:
         """Stable across runs: used to match a planned finding with a re-check under lock."""
-        return (self.code, self.runtime, self.namespace, self.object)
+        return (self.code, self.runtime, self.namespace, self.object, self.path)
 
 
 @dataclass(frozen=True, slots=True)
