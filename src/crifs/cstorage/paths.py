@@ -99,6 +99,10 @@ class StorePaths:
     def tar_split(self, layer_id: str) -> str:
         return os.path.join(self.layers_dir, f"{layer_id}.tar-split.gz")
 
+    def layer_big_data_dir(self, layer_id: str) -> str:
+        """``overlay-layers/<id>/``: the layer's big-data items (absent for most layers)."""
+        return os.path.join(self.layers_dir, layer_id)
+
     # -- image store -------------------------------------------------------------------------
 
     @property
@@ -112,6 +116,10 @@ class StorePaths:
     @property
     def images_lock(self) -> str:
         return os.path.join(self.images_dir, "images.lock")
+
+    def image_dir(self, image_id: str) -> str:
+        """``overlay-images/<id>/``: the image's big-data items (manifest, config, ...)."""
+        return os.path.join(self.images_dir, image_id)
 
     def image_big_data(self, image_id: str, key: str) -> str:
         return os.path.join(self.images_dir, image_id, big_data_file_name(key))
