@@ -86,10 +86,11 @@ def detect(root: str | os.PathLike[str] | None = None, config: ConfigArg = None)
 def open_store(root: str | os.PathLike[str] | None = None,
                runroot: str | os.PathLike[str] | None = None,
                config: ConfigArg = None,
-               lock_timeout: float = DEFAULT_TIMEOUT_S) -> CStorageStore:
+               lock_timeout: float = DEFAULT_TIMEOUT_S,
+               take_locks: bool = True) -> CStorageStore:
     """Open the store at ``root`` (see :meth:`CStorageStore.open`)."""
     return CStorageStore.open(root=root, runroot=runroot, config=config,
-                              lock_timeout=lock_timeout)
+                              lock_timeout=lock_timeout, take_locks=take_locks)
 
 
 def _config(config: ConfigArg) -> StorageConfig:
@@ -133,7 +134,8 @@ class CStorageStore:
     def open(cls, root: str | os.PathLike[str] | None = None,
              runroot: str | os.PathLike[str] | None = None,
              config: ConfigArg = None,
-             lock_timeout: float = DEFAULT_TIMEOUT_S) -> CStorageStore:
+             lock_timeout: float = DEFAULT_TIMEOUT_S,
+             take_locks: bool = True) -> CStorageStore:
         """Read the store under its read locks.
 
         ``root``/``runroot`` default to storage.conf's (``config``: a path, a loaded
@@ -142,6 +144,10 @@ class CStorageStore:
         store of another driver, ``CorruptStore`` naming the file for unreadable or malformed
         JSON, ``StoreLocked`` when a writer holds a lock past ``lock_timeout`` seconds and
         ``BadInput`` for a bad storage.conf.
+
+        ``take_locks=False`` reads without touching the lock files: only for a caller that
+        already holds them for writing (``crifs.repair``). POSIX record locks belong to the
+        process, so taking and releasing a read lock would release that caller's write lock.
         """
         cfg = _config(config)
         graphroot = os.path.abspath(os.fspath(root)) if root is not None else cfg.graphroot
@@ -151,7 +157,8 @@ class CStorageStore:
                               "the overlay driver", path=cfg.path)
         paths = StorePaths(graphroot, run, transient=cfg.transient_store)
         _check_root(paths)
-        with read_locks(_lock_files(paths), timeout=lock_timeout) as locked:
+        lock_files = _lock_files(paths) if take_locks else []
+        with read_locks(lock_files, timeout=lock_timeout) as locked:
             layers = merge_by_id(*(parse_layers(p, data) for p, data in _read_all(
                 paths.layers_json, *_volatile_candidates(paths, "layers"))))
             images = merge_by_id(*(parse_images(p, data) for p, data in _read_all(
