@@ -36,7 +36,7 @@ def build_sandbox(directory: str | os.PathLike[str] | None = None, *, faults: bo
         "cstorage": build_cstorage_root(base / "containers-storage", images, faults=faults),
         "runroot": base / "containers-run",
     }
-    roots["runroot"].mkdir()
+    roots["runroot"].mkdir(mode=0o700)
     return roots
 
 

@@ -207,6 +207,10 @@ def build_containerd_root(root: Path, images: list[BuiltImage], *, faults: bool 
     )
     if faults:
         plant_containerd_file_faults(root)
+    # The modes containerd creates (services/server, the overlay plugin).
+    root.chmod(0o711)
+    for sub in (OVERLAY_DIR, f"{OVERLAY_DIR}/snapshots"):
+        (root / sub).chmod(0o700)
     return root
 
 

@@ -163,4 +163,7 @@ def build_cstorage_root(root: Path, images: list[BuiltImage], *, faults: bool = 
         (root / sub / (name.split(".")[0] + ".lock")).touch()
     (root / "storage.lock").touch()
     (root / "userns.lock").touch()
+    # The modes containers/storage creates (GetStore, the overlay driver's home).
+    root.chmod(0o700)
+    (root / "overlay").chmod(0o700)
     return root
