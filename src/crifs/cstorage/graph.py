@@ -64,6 +64,7 @@ class LayerGraph:
     users: dict[str, list[User]] = field(default_factory=dict)
     additional_homes: tuple[str, ...] = ()
     dirs: frozenset[str] = frozenset()  # layer directories of this store's driver home
+    _ancestors: dict[str, tuple[list[str], str | None]] = field(default_factory=dict)
 
     def has_dir(self, layer_id: str) -> bool:
         """True when ``overlay/<id>`` is a real directory (listed once, never followed)."""
@@ -81,20 +82,34 @@ class LayerGraph:
 
     def ancestors(self, layer_id: str) -> tuple[list[str], str | None]:
         """The layer's parent chain, parent first, and the first parent id that no store has
-        (``None`` when the chain ends at a base layer). A cycle ends the walk at the repeat."""
+        (``None`` when the chain ends at a base layer). A cycle ends the walk at the repeat.
+        The returned list is shared (memoised): do not modify it."""
+        memo = self._ancestors
+        found = memo.get(layer_id)
+        if found is not None:
+            return found
         chain: list[str] = []
         seen = {layer_id}
         record = self.record(layer_id)
+        missing: str | None = None
         while record is not None and record.parent:
             parent = record.parent
             if parent in seen:
-                return chain, None
+                break
             if not self.known_layer(parent):
-                return chain, parent
+                missing = parent
+                break
+            known = memo.get(parent)
+            if known is not None and not seen.intersection(known[0]):
+                chain.append(parent)
+                chain.extend(known[0])
+                missing = known[1]
+                break
             seen.add(parent)
             chain.append(parent)
             record = self.record(parent)
-        return chain, None
+        memo[layer_id] = (chain, missing)
+        return chain, missing
 
     def depth(self, layer_id: str) -> int:
         """Number of known ancestors: the base layer is 0. Repairs run deepest first."""

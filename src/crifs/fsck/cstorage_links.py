@@ -35,7 +35,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from crifs.cstorage.graph import LayerGraph, layer_graph
@@ -392,10 +392,11 @@ def _lower_chains(survey: _Survey, opts: CheckOptions, meter: Meter) -> list[Fin
     out = []
     paths, graph = survey.paths, survey.graph
     planned_owner = {name: lid for lid, name in survey.planned.items()}
+    resolved: dict[str, tuple[str | None, str | None]] = {}  # an entry recurs in every child
     for layer_id in survey.layers:
         chain, missing_parent = graph.ancestors(layer_id)
         problems, source, by_ids = _check_lower(survey, layer_id, chain, missing_parent,
-                                                planned_owner)
+                                                planned_owner, resolved)
         if not problems:
             continue
         out.append(_lower_finding(survey, opts, meter, layer_id, chain, missing_parent,
@@ -405,7 +406,9 @@ def _lower_chains(survey: _Survey, opts: CheckOptions, meter: Meter) -> list[Fin
 
 
 def _check_lower(survey: _Survey, layer_id: str, chain: list[str], missing_parent: str | None,
-                 planned_owner: dict[str, str]) -> tuple[list[str], str | None, bool]:
+                 planned_owner: dict[str, str],
+                 cache: dict[str, tuple[str | None, str | None]] | None = None,
+                 ) -> tuple[list[str], str | None, bool]:
     """(problems, the file checked, whether it lists ids) for one layer."""
     paths = survey.paths
     complete = missing_parent is None
@@ -418,11 +421,13 @@ def _check_lower(survey: _Survey, layer_id: str, chain: list[str], missing_paren
         return [err.message], err.path, False
     if ids_text is not None:
         entries = [e for e in ids_text.strip().split(":") if e]
-        resolved = [_resolve_id(survey, e) for e in entries]
+        resolved = [_cached(cache, "id:" + e, lambda e=e: _resolve_id(survey, e))
+                    for e in entries]
         source, by_ids = ids_file, True
     elif links_text is not None:
         entries = [e for e in links_text.strip().split(":") if e]
-        resolved = [_resolve_link(survey, e, planned_owner) for e in entries]
+        resolved = [_cached(cache, e, lambda e=e: _resolve_link(survey, e, planned_owner))
+                    for e in entries]
         source, by_ids = links_file, False
     else:
         if chain and complete:
@@ -442,6 +447,17 @@ def _check_lower(survey: _Survey, layer_id: str, chain: list[str], missing_paren
                 problems.append(f"entry {position + 1} ({entries[position]}) is layer {found}, "
                                 f"but its parent chain has {expected} there")
     return problems, source, by_ids
+
+
+def _cached(cache: dict[str, tuple[str | None, str | None]] | None, key: str,
+            resolve: Callable[[], tuple[str | None, str | None]]
+            ) -> tuple[str | None, str | None]:
+    if cache is None:
+        return resolve()
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = resolve()
+    return found
 
 
 def _resolve_id(survey: _Survey, entry: str) -> tuple[str | None, str | None]:
