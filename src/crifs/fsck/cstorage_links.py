@@ -37,6 +37,7 @@ import re
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from crifs.cstorage.graph import LayerGraph, layer_graph
 from crifs.cstorage.overlay import (
@@ -44,10 +45,11 @@ from crifs.cstorage.overlay import (
     LinkEntry,
     link_target_layer,
     list_links,
+    read_small_file,
 )
 from crifs.cstorage.paths import LINK_DIR, StorePaths, is_safe_component
 from crifs.cstorage.store import CStorageStore
-from crifs.errors import CorruptStore, CrifsError
+from crifs.errors import CrifsError
 from crifs.fs.usage import Meter
 from crifs.fsck.cstorage_records import (
     delete_layer_repair,
@@ -62,33 +64,15 @@ from crifs.fsck.findings import CheckOptions, Finding, Repair
 from crifs.repair.actions import Action, CreateSymlink, MakeDir, RemovePath, WriteFile
 
 LINK_NAME = re.compile(r"[A-Z2-7]{26}")
-# 500 lowers of "l/" + 26 characters + ":" fit well below this.
-_DRIVER_FILE_LIMIT = 1 << 16
 # Repairs of overlay/l itself run before anything that creates entries in it.
 _FIRST = -1_000_000
 
 
 def read_driver_file(path: str) -> str | None:
     """Text of a small driver file (``link``, ``lower``, ``lower-layers``); ``None`` when it
-    does not exist. Like ``overlay.read_small_file`` (never follows a symlink, anything but a
-    regular file is ``CorruptStore``) but sized by ``fstat``: thousands of these are read per
-    check, and a fixed 1 MiB read buffer each costs more than the reads themselves."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise CorruptStore(f"cannot read: {os.strerror(err.errno or 0)}", path=path) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptStore("is not a regular file", path=path)
-        data = os.read(fd, min(st.st_size, _DRIVER_FILE_LIMIT) + 1)
-    except OSError as err:
-        raise CorruptStore(f"cannot read: {os.strerror(err.errno or 0)}", path=path) from None
-    finally:
-        os.close(fd)
-    return os.fsdecode(data)
+    does not exist; never followed through a symlink; anything but a regular file is
+    ``CorruptStore``."""
+    return read_small_file(path)
 
 
 def link_target(layer_id: str) -> str:
@@ -421,12 +405,12 @@ def _check_lower(survey: _Survey, layer_id: str, chain: list[str], missing_paren
         return [err.message], err.path, False
     if ids_text is not None:
         entries = [e for e in ids_text.strip().split(":") if e]
-        resolved = [_cached(cache, "id:" + e, lambda e=e: _resolve_id(survey, e))
+        resolved = [_cached(cache, "id:" + e, partial(_resolve_id, survey, e))
                     for e in entries]
         source, by_ids = ids_file, True
     elif links_text is not None:
         entries = [e for e in links_text.strip().split(":") if e]
-        resolved = [_cached(cache, e, lambda e=e: _resolve_link(survey, e, planned_owner))
+        resolved = [_cached(cache, e, partial(_resolve_link, survey, e, planned_owner))
                     for e in entries]
         source, by_ids = links_file, False
     else:

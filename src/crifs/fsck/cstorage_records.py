@@ -34,7 +34,7 @@ from crifs.cstorage.overlay import list_links
 from crifs.cstorage.paths import StorePaths
 from crifs.cstorage.records import ContainerRecord, ImageRecord, LayerRecord
 from crifs.cstorage.store import CStorageStore
-from crifs.fs.mounts import MOUNTINFO
+from crifs.fs.mounts import MOUNTINFO, mount_table
 from crifs.fs.usage import Meter
 from crifs.fsck.catalogue import severity_of
 from crifs.fsck.findings import CheckOptions, Finding, Reclaimable, Repair, reclaimable_of
@@ -453,29 +453,4 @@ def _other_namespaces_points() -> set[str]:
 
 
 def _mountinfo_points(path: str) -> set[str]:
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return set()
-    points = set()
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) > 4:
-            points.add(_unescape(fields[4]))
-    return points
-
-
-def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \\ooo.
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    return {m.mount_point for m in mount_table(path)}
