@@ -68,9 +68,9 @@ def store_podman(podman: Podman, layout: tuple[Path, dict[str, ImageInfo]]) -> P
     return podman
 
 
-def open_podman_store(podman: Podman, **kwargs: float) -> CStorageStore:
+def open_podman_store(podman: Podman, lock_timeout: float = 10.0) -> CStorageStore:
     return open_store(root=podman.root, runroot=podman.runroot, config=podman.storage_conf,
-                      **kwargs)
+                      lock_timeout=lock_timeout)
 
 
 def copy_store(podman: Podman, dest: Path) -> Path:

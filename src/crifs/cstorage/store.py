@@ -87,7 +87,7 @@ def open_store(root: str | os.PathLike[str] | None = None,
                runroot: str | os.PathLike[str] | None = None,
                config: ConfigArg = None,
                lock_timeout: float = DEFAULT_TIMEOUT_S,
-               take_locks: bool = True) -> CStorageStore:
+               *, take_locks: bool = True) -> CStorageStore:
     """Open the store at ``root`` (see :meth:`CStorageStore.open`)."""
     return CStorageStore.open(root=root, runroot=runroot, config=config,
                               lock_timeout=lock_timeout, take_locks=take_locks)
