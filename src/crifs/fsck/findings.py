@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from crifs.model import Usage
-from crifs.repair.actions import Action
+from crifs.repair.actions import Action, ApiCall
 
 
 class Severity(StrEnum):
@@ -54,7 +54,8 @@ class Repair:
     runs instead (``ctr -n k8s.io snapshots rm KEY``, ``podman rm -f ID``). ``gc`` is True
     when the repair only removes garbage, so ``crifs gc --apply`` runs it too (``check
     --repair`` runs every repair). ``order`` sorts actions across findings: lower runs first
-    (children before parents: a snapshot's depth from its base, negated).
+    (children before parents: a snapshot's depth from its base, negated). ``calls`` are the
+    containerd API requests that do what ``commands`` do, made by crifs when the daemon runs.
     """
 
     summary: str
@@ -62,6 +63,7 @@ class Repair:
     commands: tuple[str, ...] = ()
     gc: bool = False
     order: int = 0
+    calls: tuple[ApiCall, ...] = ()
 
     @property
     def automatic(self) -> bool:

@@ -103,3 +103,22 @@ class DropMountRecord:
 Action = (
     RemovePath | CreateSymlink | WriteFile | MakeDir | DeleteLayer | DeleteImage | DropMountRecord
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCall:
+    """One request to a running containerd's gRPC API (``containerd.services.<service>.v1``),
+    made in ``namespace``: what a repair does through the daemon instead of a ``ctr`` command.
+
+    ``service``/``method`` name the RPC (``snapshots``/``Remove``, ``leases``/``Delete``,
+    ``content``/``Delete``, ``snapshots``/``Prepare``, ``leases``/``Create``); ``fields`` are the
+    request's string fields by their proto names (``snapshotter``, ``key``, ``parent``, ``id``,
+    ``digest``, ``sync``). Contract: a call whose object is already gone (NotFound) is success,
+    so a plan can be re-run.
+    """
+
+    service: str
+    method: str
+    namespace: str
+    fields: tuple[tuple[str, str], ...] = ()
+    action: str = "api"
