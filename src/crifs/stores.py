@@ -26,6 +26,7 @@ class Selection:
     state: str | None = None
     config: str | None = None
     lock_timeout: float = 10.0
+    address: str | None = None  # containerd's API socket (None: the config's, else default)
 
 
 def open_stores(sel: Selection) -> list[Store]:

@@ -89,6 +89,7 @@ class _Run:
     gone: list[Finding] = field(default_factory=list)
     refused: str | None = None
     remaining: list[Finding] | None = None
+    live: bool = False  # a running containerd: repairs go through its API
 
 
 class _Selector:
@@ -125,7 +126,9 @@ def _reopen(store: Store, g: Globals) -> Callable[[], Store]:
 
 def _apply(run: _Run, opts: CheckOptions, select: _Selector, g: Globals,
            log: Callable[[str], None]) -> None:
-    planned = [f for f in run.findings if f.repair is not None and f.repair.automatic]
+    # API calls are work too: made when containerd runs (else a refusal says why not).
+    planned = [f for f in run.findings if f.repair is not None
+               and (f.repair.automatic or f.repair.calls)]
     if not planned:
         return
     from crifs.fsck.run import check_store
@@ -138,6 +141,7 @@ def _apply(run: _Run, opts: CheckOptions, select: _Selector, g: Globals,
             check=lambda st: select(check_store(st, opts)),
             log=log,
             lock_timeout=g.selection.lock_timeout,
+            address=g.selection.address,
         )
     except CrifsError as err:
         run.refused = str(err)
@@ -172,7 +176,8 @@ def _run(ctx: typer.Context, *, verb: str, change: bool, max_age: str, only: str
         print(summary_line(Summary.of(everything), what="garbage item" if gc_only else "finding"))
     if change or (gc_only and people):
         for r in runs:
-            write_plan(r.store, r.findings, gc_only=gc_only, out=out)
+            r.live = _live(r, g)
+            write_plan(r.store, r.findings, gc_only=gc_only, out=out, live=r.live)
     if change:
         for r in runs:
             _apply(r, opts, select, g, log)
@@ -184,6 +189,19 @@ def _run(ctx: typer.Context, *, verb: str, change: bool, max_age: str, only: str
     if not people:
         _write_json(runs, verb=verb, change=change, fmt=data_format(g))
     return _exit_code(runs, verb=verb, change=change)
+
+
+def _live(run: _Run, g: Globals) -> bool:
+    """Whether a repair of this run's store goes through containerd's API: its DBs are held
+    by a daemon that answers (asked only when there is something such a repair would do)."""
+    if run.store.runtime != CONTAINERD or not any(
+            f.repair is not None and f.repair.calls for f in run.findings):
+        return False
+    from crifs.containerd.store import ContainerdStore
+    from crifs.repair.live import daemon_answers
+
+    return isinstance(run.store, ContainerdStore) and daemon_answers(run.store,
+                                                                     g.selection.address)
 
 
 def _reopen_for_read(store: Store, g: Globals) -> Store:

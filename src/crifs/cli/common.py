@@ -50,6 +50,14 @@ NamespaceOpt = Annotated[
     str | None,
     typer.Option("--namespace", "-n", metavar="NS", help="containerd namespace (default: all)."),
 ]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address", metavar="SOCK",
+        help="containerd's API socket, used to repair a running containerd (default: the "
+        "config's [grpc] address, else /run/containerd/containerd.sock).",
+    ),
+]
 SnapshotterOpt = Annotated[
     str | None,
     typer.Option(
@@ -71,6 +79,7 @@ GLOBAL_VALUE_OPTIONS = frozenset(
         "-o",
         "--output",
         "--lock-timeout",
+        "--address",
     }
 )
 
@@ -105,7 +114,7 @@ def hoist_global_options(argv: list[str]) -> list[str]:
 
 GLOBAL_EPILOG = (
     "Global options (--runtime, --root, --runroot, --state, --config, -n/--namespace, "
-    "-o/--output, --lock-timeout) may be given here too; see crifs --help."
+    "-o/--output, --lock-timeout, --address) may be given here too; see crifs --help."
 )
 
 

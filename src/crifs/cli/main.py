@@ -17,7 +17,15 @@ import typer
 
 from crifs import __version__
 from crifs.cli import common
-from crifs.cli.common import ConfigOpt, NamespaceOpt, OutputOpt, RootOpt, RunrootOpt, StateOpt
+from crifs.cli.common import (
+    AddressOpt,
+    ConfigOpt,
+    NamespaceOpt,
+    OutputOpt,
+    RootOpt,
+    RunrootOpt,
+    StateOpt,
+)
 from crifs.errors import CrifsError
 from crifs.report.output import Format
 from crifs.stores import Selection
@@ -56,6 +64,7 @@ def _globals(
             "--lock-timeout", metavar="SECONDS", help="Seconds to wait for a store's read locks."
         ),
     ] = 10.0,
+    address: AddressOpt = None,
     version: Annotated[
         bool | None, typer.Option("--version", callback=_version, is_eager=True)
     ] = None,
@@ -68,6 +77,7 @@ def _globals(
             state=state,
             config=config,
             lock_timeout=lock_timeout,
+            address=address,
         ),
         output=output or Format.TABLE,
         namespace=namespace,

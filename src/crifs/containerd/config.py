@@ -23,6 +23,7 @@ from crifs.errors import BadInput, NotFound
 DEFAULT_CONFIG = "/etc/containerd/config.toml"
 DEFAULT_ROOT = "/var/lib/containerd"
 DEFAULT_STATE = "/run/containerd"
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_SNAPSHOTTER = schema.OVERLAYFS
 
 _CRI_V2 = "io.containerd.grpc.v1.cri"
@@ -40,6 +41,7 @@ class ContainerdConfig:
     snapshotter_root_paths: Mapping[str, str] = field(default_factory=dict)
     cri_snapshotter: str = DEFAULT_SNAPSHOTTER
     overlay_mount_options: tuple[str, ...] = ()
+    grpc_address: str | None = None  # ``[grpc] address``: the API socket (None: not set)
 
     def snapshotter_root(self, name: str) -> str:
         """The directory snapshotter ``name`` keeps its ``metadata.db`` and snapshots in."""
@@ -88,6 +90,7 @@ def config_from_mapping(data: Mapping[str, Any], path: str | None = None) -> Con
         snapshotter_root_paths=root_paths,
         cri_snapshotter=_str(cri_snapshotter) or DEFAULT_SNAPSHOTTER,
         overlay_mount_options=options,
+        grpc_address=_str(_table(data.get("grpc")).get("address")),
     )
 
 

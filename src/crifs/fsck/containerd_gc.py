@@ -33,17 +33,23 @@ from crifs.containerd.reachability import (
     snapshot_node,
 )
 from crifs.containerd.snapshot_index import (
+    CtrOp,
     MetaKey,
     SnapshotIndex,
-    ctr,
-    gc_trigger_commands,
-    removal_commands,
+    calls_of,
+    commands_of,
+    content_gc_calls,
+    content_remove,
+    gc_trigger_ops,
+    lease_remove,
+    removal_ops,
+    trigger_namespace,
 )
 from crifs.fs.usage import Meter
 from crifs.fsck.catalogue import severity_of
 from crifs.fsck.findings import CheckOptions, Finding, Reclaimable, Repair, reclaimable_of
 from crifs.model import CONTAINERD, SnapshotKind
-from crifs.repair.actions import RemovePath
+from crifs.repair.actions import ApiCall, RemovePath
 
 if TYPE_CHECKING:
     from crifs.containerd.store import ContainerdStore
@@ -74,6 +80,11 @@ def _finding(code: str, obj: str, message: str, *, path: str | None = None,
                    reclaimable, repair, evidence or {})
 
 
+def _repair(summary: str, ops: list[CtrOp], *, gc: bool = False, order: int = 0) -> Repair:
+    """A repair made of ``ctr`` commands, with the API calls that do the same."""
+    return Repair(summary, commands=commands_of(ops), gc=gc, order=order, calls=calls_of(ops))
+
+
 def _when(moment: dt.datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
@@ -96,6 +107,11 @@ class _Check:
             return None
         return reclaimable_of(self.meter.measure(*paths))
 
+    def content_gc_calls(self) -> tuple[ApiCall, ...]:
+        """What makes a running containerd remove blob files and ingest dirs no record names
+        (its content GC), instead of crifs removing them."""
+        return content_gc_calls(trigger_namespace(self.store))
+
     # -- C7 ------------------------------------------------------------------------------------
 
     def expired_leases(self) -> list[Finding]:
@@ -112,9 +128,8 @@ class _Check:
                 f"{len(lease.content)} blob(s) and {len(lease.ingests)} ingest(s), which GC "
                 "frees with it unless something else holds them",
                 namespace=lease.namespace,
-                repair=Repair("remove the lease and let GC collect what only it held",
-                              commands=(ctr(lease.namespace, "leases", "rm", "--sync",
-                                            lease.id),), gc=True),
+                repair=_repair("remove the lease and let GC collect what only it held",
+                               [lease_remove(lease.namespace, lease.id, sync=True)], gc=True),
                 evidence={"expires": _when(state.expires), "created": _when(lease.created),
                           "snapshots": snapshots[:_LISTED],
                           "content": list(lease.content[:_LISTED]),
@@ -160,9 +175,8 @@ class _Check:
         return _finding(
             "C7", user_key, message, path=path, namespace=ns,
             reclaimable=self.measure(path) if path is not None else None,
-            repair=Repair("remove it (children first), as GC would",
-                          commands=tuple(removal_commands(self.index, key)), gc=True,
-                          order=-self.index.depth(key)),
+            repair=_repair("remove it (children first), as GC would",
+                           removal_ops(self.index, key), gc=True, order=-self.index.depth(key)),
             evidence=evidence)
 
     # -- C8: records ---------------------------------------------------------------------------
@@ -204,9 +218,8 @@ class _Check:
             f"container, live lease, gc.root label or gc.ref label{held}: containerd's GC "
             f"deletes {fate}",
             path=path, namespace=blob.namespace, reclaimable=reclaimable,
-            repair=Repair("remove the blob record, as GC would",
-                          commands=(ctr(blob.namespace, "content", "rm", blob.digest),),
-                          gc=True),
+            repair=_repair("remove the blob record, as GC would",
+                           [content_remove(blob.namespace, blob.digest)], gc=True),
             evidence=evidence)
 
     def unreachable_ingests(self) -> list[Finding]:
@@ -237,8 +250,8 @@ class _Check:
             "containerd's GC drops it and aborts its ingest directory on its next run",
             path=path, namespace=ingest.namespace,
             reclaimable=self.measure(path) if path is not None else None,
-            repair=Repair("run containerd's GC, which aborts unreferenced writes",
-                          commands=tuple(gc_trigger_commands(ingest.namespace)), gc=True),
+            repair=_repair("run containerd's GC, which aborts unreferenced writes",
+                           gc_trigger_ops(ingest.namespace), gc=True),
             evidence={"backend_ref": ingest.backend_ref, "expire_at": _when(ingest.expire_at),
                       "checked_at": _when(now), "expected": ingest.expected,
                       "data_bytes": directory.data_bytes if directory else None})
@@ -261,7 +274,8 @@ class _Check:
                 "image removal whose content GC pass has not run, or by a crash after the write",
                 path=path, reclaimable=self.measure(path),
                 repair=Repair("remove the blob file (what containerd's content GC does)",
-                              actions=(RemovePath(path),), gc=True),
+                              actions=(RemovePath(path),), gc=True,
+                              calls=self.content_gc_calls()),
                 evidence={"size": size, "kind": "blob_file"}))
         return out
 
@@ -283,7 +297,9 @@ class _Check:
                 "C8", f"ingest/{name}", message, path=directory.path,
                 reclaimable=self.measure(directory.path),
                 repair=Repair("remove the ingest directory (what containerd's Abort does)",
-                              actions=(RemovePath(directory.path),), gc=True),
+                              actions=(RemovePath(directory.path),), gc=True,
+                              # without a ref file containerd's content GC cannot see it
+                              calls=self.content_gc_calls() if directory.ref else ()),
                 evidence={"kind": "ingest_dir", "ref": directory.ref,
                           "data_bytes": directory.data_bytes, "total": directory.total,
                           "started_at": directory.started_at,

@@ -31,15 +31,22 @@ from crifs.containerd import schema
 from crifs.containerd.metadata import SnapshotRecord
 from crifs.containerd.reachability import LABEL_ROOT, Marking, mark, snapshot_node
 from crifs.containerd.snapshot_index import (
+    UNBLOCKING,
+    CtrOp,
     MetaKey,
     SnapshotIndex,
     backend_children,
     backend_depth,
     backend_subtree,
-    ctr_snapshots,
-    gc_trigger_commands,
-    removal_commands,
+    calls_of,
+    chained,
+    commands_of,
+    gc_trigger_ops,
+    removal_ops,
+    snapshot_prepare,
+    snapshot_remove,
     split_backend_key,
+    trigger_namespace,
 )
 from crifs.containerd.snapshotter import BackendRecord, SnapshotterDB
 from crifs.fs.usage import Meter
@@ -52,6 +59,8 @@ if TYPE_CHECKING:
     from crifs.containerd.store import ContainerdStore
 
 ISSUE_STALE_CHILDREN = "containerd#11908"
+# Snapshotters whose Cleanup (run by containerd's GC) removes directories no record owns.
+CLEANED_BY_GC = frozenset({schema.OVERLAYFS})
 
 
 def findings(store: ContainerdStore, opts: CheckOptions, meter: Meter) -> list[Finding]:
@@ -76,6 +85,11 @@ def _finding(code: str, obj: str, message: str, *, path: str | None = None,
              repair: Repair | None = None, evidence: Mapping[str, object] | None = None) -> Finding:
     return Finding(code, severity_of(code), CONTAINERD, obj, message, path, namespace,
                    reclaimable, repair, evidence or {})
+
+
+def _repair(summary: str, ops: list[CtrOp], *, gc: bool = False, order: int = 0) -> Repair:
+    """A repair made of ``ctr`` commands, with the API calls that do the same."""
+    return Repair(summary, commands=commands_of(ops), gc=gc, order=order, calls=calls_of(ops))
 
 
 def _is_dir(path: str) -> bool:
@@ -125,6 +139,9 @@ class _Check:
         for link in db.parents():
             if link.parent_id not in by_id:
                 lost_parent_of.setdefault(str(link.parent_id), []).append(link.child_key)
+        # With the daemon running, its GC runs the snapshotter's Cleanup, which removes them.
+        cleanup = tuple(calls_of(gc_trigger_ops(trigger_namespace(self.store, db.name),
+                                                db.name))) if db.name in CLEANED_BY_GC else ()
         out: list[Finding] = []
         for entry in entries:
             name = entry.name
@@ -172,7 +189,7 @@ class _Check:
                                 "the parent of a recorded snapshot")
             else:
                 repair = Repair("remove the orphan directory (what containerd's Cleanup does)",
-                                actions=(RemovePath(entry.path),), gc=True)
+                                actions=(RemovePath(entry.path),), gc=True, calls=cleanup)
             out.append(_finding("C1", name, message, path=entry.path,
                                 reclaimable=self.measure(entry.path), repair=repair,
                                 evidence=evidence))
@@ -196,16 +213,15 @@ class _Check:
             obj, namespace = self.object_of(db, record)
             named = self.named(db, record)
             if named is not None:
-                repair = Repair(
+                repair = _repair(
                     "remove the snapshot (children first); pull or import its image again "
-                    "if it was an image layer", commands=tuple(removal_commands(self.index,
-                                                                                named)))
+                    "if it was an image layer", removal_ops(self.index, named))
             else:
-                repair = Repair(
+                repair = _repair(
                     "no meta.db record names it: GC prunes it after a snapshot removal marks "
                     "the snapshotter dirty",
-                    commands=tuple(gc_trigger_commands(namespace or "default", db.name)),
-                    gc=True)
+                    gc_trigger_ops(namespace or trigger_namespace(self.store, db.name),
+                                   db.name), gc=True)
             out.append(_finding(
                 "C2", obj,
                 f"{record.kind} snapshot {obj} ({db.name} id {record.id}) has no directory "
@@ -239,11 +255,11 @@ class _Check:
                                 f"{used_below[0]}")
                 reclaimable = None
             else:
-                repair = Repair(
+                repair = _repair(
                     "GC prunes it (and Cleanup removes its directory) after a snapshot removal "
                     "marks the snapshotter dirty",
-                    commands=tuple(gc_trigger_commands(namespace or "default", db.name)),
-                    gc=True, order=-backend_depth(db, record))
+                    gc_trigger_ops(namespace or trigger_namespace(self.store, db.name),
+                                   db.name), gc=True, order=-backend_depth(db, record))
                 reclaimable = self.measure(path) if path is not None else None
             out.append(_finding("C3", record.key, message, path=path, namespace=namespace,
                                 reclaimable=reclaimable, repair=repair, evidence=evidence))
@@ -262,8 +278,8 @@ class _Check:
                 f"{record.name or '(no name)'}: ctr snapshots ls skips it, it cannot be "
                 "mounted, and no new snapshot can take its key ('already exists')",
                 namespace=record.namespace,
-                repair=Repair("remove the record (children first)",
-                              commands=tuple(removal_commands(self.index, key))),
+                repair=_repair("remove the record (children first)",
+                               removal_ops(self.index, key)),
                 evidence={"snapshotter": db.name, "backend_key": record.name,
                           "parent": record.parent}))
         return out
@@ -296,17 +312,17 @@ class _Check:
                 continue
             if (ns, user_key) in by_object:
                 continue  # both databases: the metadata.db finding says what must not be done
-            commands = [ctr_snapshots(ns, ss, "prepare", record.parent),
-                        *removal_commands(self.index, key),
-                        ctr_snapshots(ns, ss, "rm", record.parent)]
+            ops = [snapshot_prepare(ns, ss, record.parent),
+                   *removal_ops(self.index, key),
+                   snapshot_remove(ns, ss, record.parent)]
             by_object[(ns, user_key)] = _finding(
                 "C5", user_key,
                 f"snapshot {user_key} names parent {record.parent}, which does not exist in "
                 f"namespace {ns}: it cannot be mounted, and ctr snapshots rm fails ('parent "
                 "snapshot does not exist')",
                 namespace=ns,
-                repair=Repair("recreate the missing parent as an empty snapshot so containerd "
-                              "can remove the child, then remove both", commands=tuple(commands)),
+                repair=_repair("recreate the missing parent as an empty snapshot so containerd "
+                               "can remove the child, then remove both", ops),
                 evidence={"snapshotter": ss, "database": "meta.db",
                           "missing_parent": record.parent})
         return list(by_object.values())
@@ -320,8 +336,8 @@ class _Check:
             if not gone and not moved:
                 continue
             ns, ss, parent = key
-            commands = [f"{ctr_snapshots(ns, ss, 'prepare', child, parent)} && "
-                        f"{ctr_snapshots(ns, ss, 'rm', child)}" for child in gone]
+            ops = [chained(snapshot_prepare(ns, ss, child, parent),
+                           snapshot_remove(ns, ss, child)) for child in gone]
             stale = gone + moved
             message = (f"snapshot {parent} still lists {len(stale)} child(ren) in meta.db that "
                        f"no longer exist there ({stale[0]}): containerd's GC removed them "
@@ -334,7 +350,7 @@ class _Check:
                             "through the API")
             out[(ns, parent)] = _finding(
                 "C6", parent, message, namespace=ns,
-                repair=Repair(summary, commands=tuple(commands)),
+                repair=_repair(summary, ops, order=UNBLOCKING),
                 evidence={"snapshotter": ss, "database": "meta.db", "missing_children": gone,
                           "reparented_children": moved})
         for name in self.store.snapshotter_names:
@@ -431,6 +447,6 @@ class _Check:
             f"active snapshot {user_key} is used by no container and {why}",
             path=path, namespace=ns,
             reclaimable=self.measure(path) if path is not None else None,
-            repair=Repair("remove it if nothing outside containerd still uses it",
-                          commands=(ctr_snapshots(ns, ss, "rm", user_key),)),
+            repair=_repair("remove it if nothing outside containerd still uses it",
+                           [snapshot_remove(ns, ss, user_key)]),
             evidence=evidence)

@@ -4,7 +4,9 @@ Flow of :func:`apply`:
 
 1. Take the runtime's locks as a writer (``crifs.repair.locks``): containers/storage's lock
    files all or none (``StoreLocked`` naming the holder after ``lock_timeout``; refused while
-   CRI-O serves the store); containerd's bbolt flocks, refused at once while the daemon runs.
+   CRI-O serves the store); containerd's bbolt flocks. While containerd holds those, no file
+   is touched: when the daemon answers on its socket the findings' API calls are made instead
+   (``crifs.repair.live``), else the repair is refused (``StoreLocked``).
 2. Finish the store's unfinished journal (``crifs.repair.journal``) and empty its trash.
 3. Re-read the store (``reopen``, which must not take c/storage's read locks: releasing them
    would release our write locks) and re-run ``check``: only planned findings whose identity
@@ -72,12 +74,26 @@ class ApplyResult:
 
 def apply(store: Store, planned: Sequence[Finding], *, reopen: Callable[[], Store],
           check: Callable[[Store], list[Finding]], log: Log,
-          lock_timeout: float = 10.0) -> ApplyResult:
+          lock_timeout: float = 10.0, address: str | None = None) -> ApplyResult:
     """Repair ``planned`` findings of ``store`` (see module doc). Raises ``StoreLocked`` (one
-    line naming the holder) when the runtime holds the store, ``UnsafePath`` when crifs' state
-    directory is unsafe; every per-finding problem is reported in the result instead."""
+    line naming the holder) when the runtime holds the store and (containerd) does not answer
+    on its API socket ``address`` (default: the config's, else containerd's default),
+    ``UnsafePath`` when crifs' state directory is unsafe; every per-finding problem is
+    reported in the result instead."""
     executor = executor_for(store)
     result = ApplyResult()
+    if isinstance(executor, ContainerdExecutor):
+        from crifs.repair import live
+
+        assert isinstance(store, ContainerdStore)
+        client = live.connect(executor.db_paths, live.address_of(store, address))
+        if client is not None:
+            with client:
+                live.apply_live(client, planned, reopen=reopen, check=check, log=log,
+                                result=result)
+            return result
+        if planned and not any(f.repair is not None and f.repair.actions for f in planned):
+            return result  # only API calls, and no daemon to make them: nothing to do
     with executor.locked(lock_timeout):
         journal = executor.journal
         try:
@@ -274,7 +290,8 @@ class Executor:
 
 
 class ContainerdExecutor(Executor):
-    """File-level repairs of a stopped containerd's root (orphan dirs, blobs, ingests)."""
+    """File-level repairs of a stopped containerd's root (orphan dirs, blobs, ingests); a
+    running one is repaired through its API (``crifs.repair.live``)."""
 
     def __init__(self, store: ContainerdStore) -> None:
         self.state_root = str(store.root)

@@ -10,9 +10,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from crifs.containerd.snapshot_index import is_gc_trigger
 from crifs.fsck.findings import Finding, Reclaimable
 from crifs.fsck.run import Summary
-from crifs.model import Store
+from crifs.model import CONTAINERD, Store
+from crifs.repair.actions import ApiCall
 from crifs.report.output import Table
 from crifs.report.values import escape_text, human_size, record
 
@@ -65,14 +67,43 @@ def action_text(action: Any) -> str:
     return _ACTION_VERBS.get(fields.get("action", ""), "{action}").format(**fields)
 
 
-def plan_lines(findings: Sequence[Finding], *, gc_only: bool = False) -> list[str]:
-    """One line per step a repair would take (or command a user must run), children first."""
+def call_text(call: ApiCall) -> str:
+    """``snapshots.Remove snapshotter=overlayfs key=K (namespace default)``."""
+    fields = " ".join(f"{k}={escape_text(v)}" for k, v in call.fields if k != "data")
+    return f"{call.service}.{call.method} {fields} (namespace {escape_text(call.namespace)})"
+
+
+def _live_lines(f: Finding, size: str) -> list[str]:
+    """What a repair of a running containerd does about ``f``: its API calls."""
+    assert f.repair is not None
+    if not f.repair.calls:
+        if f.repair.actions:
+            return [f"{f.code:<4} left while containerd runs: "
+                    f"{action_text(f.repair.actions[0])}{size}"]
+        return [f"{f.code:<4} run: {escape_text(c)}" for c in f.repair.commands] or \
+            [f"{f.code:<4} {escape_text(f.repair.summary)}"]
+    lines = [f"{f.code:<4} api: {call_text(c)}" for c in f.repair.calls if not is_gc_trigger(c)]
+    if len(lines) < len(f.repair.calls):
+        lines.append(f"{f.code:<4} containerd's GC collects {escape_text(f.path or f.object)}")
+    lines[0] += size
+    return lines
+
+
+def plan_lines(findings: Sequence[Finding], *, gc_only: bool = False,
+               live: bool = False) -> list[str]:
+    """One line per step a repair would take (or command a user must run), children first.
+    ``live``: containerd runs, so its findings are repaired through its API calls."""
     lines: list[str] = []
     with_repair = [f for f in findings if f.repair is not None and (f.repair.gc or not gc_only)]
     ordered = sorted(with_repair, key=lambda f: f.repair.order if f.repair else 0)
+    through_api = False
     for f in ordered:
         assert f.repair is not None
         size = f" ({size_cell(f.reclaimable)})" if f.reclaimable else ""
+        if live and f.runtime == CONTAINERD:
+            lines += _live_lines(f, size)
+            through_api = through_api or bool(f.repair.calls)
+            continue
         for action in f.repair.actions:
             lines.append(f"{f.code:<4} {action_text(action)}{size}")
             size = ""
@@ -80,13 +111,16 @@ def plan_lines(findings: Sequence[Finding], *, gc_only: bool = False) -> list[st
             lines.append(f"{f.code:<4} run: {escape_text(command)}")
         if not f.repair.actions and not f.repair.commands:
             lines.append(f"{f.code:<4} {escape_text(f.repair.summary)}")
+    if through_api:
+        lines.append("then one synchronous containerd GC (leases.Create + leases.Delete sync): "
+                     "prunes records, snapshot dirs and blob files nothing names")
     return lines
 
 
 def write_plan(store: Store, findings: Sequence[Finding], *, gc_only: bool = False,
-               out: TextIO | None = None) -> None:
+               out: TextIO | None = None, live: bool = False) -> None:
     out = out or sys.stdout
-    lines = plan_lines(findings, gc_only=gc_only)
+    lines = plan_lines(findings, gc_only=gc_only, live=live)
     if not lines:
         return
     out.write(f"plan for {store.runtime} {escape_text(str(store.root))}:\n")
