@@ -107,21 +107,24 @@ class _Selector:
         ]
 
 
-def _reopen(store: Store, g: Globals) -> Callable[[], Store]:
+def _open_again(store: Store, g: Globals, *, take_locks: bool) -> Store:
+    """``store`` read afresh from disk. ``take_locks=False`` under our own writer locks: POSIX
+    locks belong to the process, so taking and dropping a read lock would drop ours."""
     sel = g.selection
+    if store.runtime == CONTAINERD:
+        from crifs.containerd.store import ContainerdStore
 
-    def reopen() -> Store:
-        if store.runtime == CONTAINERD:
-            from crifs.containerd.store import ContainerdStore
+        return ContainerdStore.open(root=store.root, state=getattr(store, "state", None),
+                                    config=sel.config)
+    from crifs.cstorage.store import CStorageStore
 
-            return ContainerdStore.open(root=store.root, state=getattr(store, "state", None),
-                                        config=sel.config)
-        from crifs.cstorage.store import CStorageStore
+    return CStorageStore.open(root=store.root, runroot=getattr(store, "runroot", None),
+                              config=sel.config, lock_timeout=sel.lock_timeout,
+                              take_locks=take_locks)
 
-        return CStorageStore.open(root=store.root, runroot=getattr(store, "runroot", None),
-                                  config=sel.config, take_locks=False)
 
-    return reopen
+def _reopen(store: Store, g: Globals) -> Callable[[], Store]:
+    return lambda: _open_again(store, g, take_locks=False)
 
 
 def _apply(run: _Run, opts: CheckOptions, select: _Selector, g: Globals,
@@ -181,7 +184,7 @@ def _run(ctx: typer.Context, *, verb: str, change: bool, max_age: str, only: str
     if change:
         for r in runs:
             _apply(r, opts, select, g, log)
-            r.remaining = select(check_store(_reopen_for_read(r.store, g), opts))
+            r.remaining = select(check_store(_open_again(r.store, g, take_locks=True), opts))
         remaining = [f for r in runs for f in r.remaining or []]
         if people:
             print("after repair: " + summary_line(Summary.of(remaining),
@@ -202,19 +205,6 @@ def _live(run: _Run, g: Globals) -> bool:
 
     return isinstance(run.store, ContainerdStore) and daemon_answers(run.store,
                                                                      g.selection.address)
-
-
-def _reopen_for_read(store: Store, g: Globals) -> Store:
-    sel = g.selection
-    if store.runtime == CONTAINERD:
-        from crifs.containerd.store import ContainerdStore
-
-        return ContainerdStore.open(root=store.root, state=getattr(store, "state", None),
-                                    config=sel.config)
-    from crifs.cstorage.store import CStorageStore
-
-    return CStorageStore.open(root=store.root, runroot=getattr(store, "runroot", None),
-                              config=sel.config, lock_timeout=sel.lock_timeout)
 
 
 def _exit_code(runs: Sequence[_Run], *, verb: str, change: bool) -> int:
