@@ -95,6 +95,51 @@ def run_rounds(commands: Sequence[Command], repeat: int) -> None:
                 command.after()
 
 
+def peak_total_pss_mb(argv: Sequence[str], interval: float = 0.02) -> tuple[float, int]:
+    """Run ``argv`` once, untimed, sampling the proportional set size (PSS) of it and every
+    process it forks (``/proc/PID/smaps_rollup``, every ``interval`` seconds); the largest sum
+    seen, in MB, and the most processes seen at once.
+
+    GNU time's figure is the peak RSS of the largest single process. A process that forks
+    helpers shares its pages with them copy-on-write, so per-process RSS counts the shared
+    pages in each helper again, and neither figure is what the command holds in all: the sum
+    of the processes' PSS (each shared page split among its sharers) is. Sampling can miss a
+    peak shorter than ``interval``."""
+    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=C_LOCALE)
+    best, most = 0, 1
+    while proc.poll() is None:
+        pids = [proc.pid, *_descendants(proc.pid)]
+        best = max(best, sum(_pss_kb(pid) for pid in pids))
+        most = max(most, len(pids))
+        time.sleep(interval)
+    return best / 1024, most
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                found += [int(child) for child in children.read().split()]
+    except OSError:
+        return found
+    for child in list(found):
+        found += _descendants(child)
+    return found
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def missing_tool(name: str) -> str | None:
     if shutil.which(name):
         return None

@@ -35,6 +35,7 @@ from links_measure import (
     crifs_verdicts,
     goal_line,
     missing_tool,
+    peak_total_pss_mb,
     print_table,
     run_rounds,
 )
@@ -319,6 +320,10 @@ def run(args: argparse.Namespace, base: Path, work: Path) -> int:
             print(goal_line(f"{label} / tar -tf", command.best / tar.best, 2)
                   + (f"; without its start-up {command.best - startup.best:.3f}s"
                      if startup.samples else ""))
+    if worked:
+        total, processes = peak_total_pss_mb(worked[0].argv)
+        print(f"{worked[0].label}: peak memory of all {processes} processes (sum of PSS, "
+              f"sampled) {total:.1f} MB")
     for command in worked:
         if command.stdout:
             _, summary = crifs_verdicts(command.stdout)

@@ -42,6 +42,7 @@ from links_measure import (
     filesystem_type,
     goal_line,
     missing_tool,
+    peak_total_pss_mb,
     print_table,
     run_rounds,
 )
@@ -444,6 +445,9 @@ def bench_tree(title: str, root: Path, args: argparse.Namespace, work: Path,
     if crifs_worked and find.samples:
         print(goal_line("crifs json / find", crifs.best / find.best, 0.5))
         print(goal_line("crifs peak RSS", crifs.peak_rss_mb, 300, " MB"))
+        total, processes = peak_total_pss_mb(crifs.argv)
+        print(goal_line(f"crifs peak memory, all {processes} processes (sum of PSS, sampled)",
+                        total, 300, " MB"))
         if startup.samples:
             work_s = crifs.best - startup.best
             print(f"crifs json without its start-up (minus links --help): {work_s:.3f}s = "

@@ -443,3 +443,70 @@ def test_quick_route_gives_the_verdicts_of_the_component_walk(
     with mock.patch.object(MergedView, "consistent", new=property(lambda self: False)):
         slow = audit(layers, host_root=None).verdicts
     assert fast == slow
+
+
+# -- two processes and the shared path scan -----------------------------------------------
+
+
+def _many_links_layer() -> LayerListing:
+    """Links of every verdict, with reading, basename and near-name fixes, in order."""
+    spec: dict[bytes, bytes] = dict(BASE)
+    spec[b"app"] = b"dir"
+    for i in range(30):  # 210 names in app/: few enough for near-name fixes
+        spec[b"app/config%02d.yaml" % i] = b"file"
+        # by path, each kind runs through both halves of the list
+        spec[b"app/x%02dl" % i] = b"->config%02d.yml" % i  # near name
+        spec[b"app/x%02dm" % i] = b"->/usr/lib/libc.so.6"  # ok
+        spec[b"app/x%02dn" % i] = b"->../lib64/libc.so.6"  # basename
+        spec[b"app/x%02do" % i] = b"->usr/bin/python3.11"  # relative read as absolute
+        spec[b"app/x%02dp" % i] = b"->x%02dp" % i  # loop
+        spec[b"app/x%02dq" % i] = b"->/proc/self/mounts"  # runtime
+    return layer(0, spec)
+
+
+def test_two_processes_give_the_one_process_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crifs.check import fixes
+    from crifs.check import links as links_module
+
+    listing = _many_links_layer()
+    monkeypatch.setattr(links_module, "PARALLEL_LINKS", 0)
+    alone = audit([listing], host_root=None).verdicts
+    assert sum(v.fix is not None for v in alone) == 90
+    monkeypatch.setattr(links_module, "PARALLEL_LINKS", 2)
+    progress: list[tuple[int, int]] = []
+    shared = audit([listing], host_root=None, progress=lambda *a: progress.append(a)).verdicts
+    assert shared == alone and progress[-1] == (len(alone), len(alone))
+    # the near-name cap counts the candidates of both halves, in order
+    for cap in (0, 5, 25, 40):
+        monkeypatch.setattr(fixes, "NEAR_MAX_LINKS", cap)
+        monkeypatch.setattr(links_module, "PARALLEL_LINKS", 0)
+        capped = audit([listing], host_root=None).verdicts
+        assert sum(v.fix is not None and "config" in v.fix for v in capped) == min(cap, 30)
+        monkeypatch.setattr(links_module, "PARALLEL_LINKS", 2)
+        assert audit([listing], host_root=None).verdicts == capped
+
+
+def test_a_failed_helper_leaves_its_runs_to_the_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crifs.check import links as links_module
+
+    listing = _many_links_layer()
+    monkeypatch.setattr(links_module, "PARALLEL_LINKS", 0)
+    alone = audit([listing], host_root=None).verdicts
+    monkeypatch.setattr(links_module, "PARALLEL_LINKS", 2)
+    monkeypatch.setattr(links_module, "export_runs", lambda runs: b"not a pickle")
+    assert audit([listing], host_root=None).verdicts == alone
+
+
+def test_path_scan_finds_what_a_plain_loop_finds() -> None:
+    from crifs.check.fixes import NEAR_MAX_SIBLINGS, PathScan
+
+    paths = [b"", b"top", b"a", b"a/x", b"a/b/x", b"a/b/y", b"c/x", b"c/y", b"y"]
+    paths += [b"big/f%d" % i for i in range(NEAR_MAX_SIBLINGS + 5)]
+    names, dirs = {b"x", b"y", b"f3", b"absent"}, {b"", b"a", b"a/b", b"big", b"none"}
+    scan = PathScan(iter(paths), names=names, dirs=dirs)
+    for name in names:
+        expected = [p for p in paths if p.rpartition(b"/")[2] == name][:2]
+        assert scan.places.get(name, []) == expected
+    for directory in dirs:
+        expected = [p.rpartition(b"/")[2] for p in paths if p.rpartition(b"/")[0] == directory]
+        assert scan.children[directory] == expected[: NEAR_MAX_SIBLINGS + 1]

@@ -686,3 +686,28 @@ def test_exit_status_counts_layer_problems_as_warnings():
     assert exit_status([troubled], FailOn.ERROR) == 0
     assert exit_status([troubled], FailOn.WARNING) == 1
     assert exit_status([troubled], FailOn.NEVER) == 0
+
+
+def test_link_records_of_utf8_and_other_bytes_are_built_alike() -> None:
+    """``link_record`` has a fast path for UTF-8 verdicts; it must give the record the general
+    path gives (escapes, ``_b64`` siblings, a single leading slash)."""
+    from crifs.check.links import LinkVerdict, Verdict
+    from crifs.report import links as links_report
+
+    cases = [
+        LinkVerdict(b"/usr/lib/x", b"../y", Verdict.OK, None, b"/usr/y", 0, None, None,
+                    "/usr/lib/x -> ../y: resolves to /usr/y"),
+        LinkVerdict(b"/caf\xc3\xa9", b"t\xc3\xa9", Verdict.BROKEN, "ENOENT", b"/t\xc3\xa9", 1, 1,
+                    "ln -sf x /caf\xc3\xa9".encode().decode(), "caf\u00e9 broken"),
+        LinkVerdict(b"/a b\xff", b"t\xfe", Verdict.HIDDEN_BY_WHITEOUT, "ENOENT", b"/t\xfe", 0, 2,
+                    "ln -sf $'t\\xfe' $'/a b\\xff'", "/a b\\xff -> t\\xfe: gone"),
+        LinkVerdict(b"//double", b"x", Verdict.LOOP, "ELOOP", b"//x", 0, 0, None, "m"),
+        LinkVerdict(b"/l", b"x", Verdict.BROKEN, "ENOENT", b"/x", 0, 0, None,
+                    os.fsdecode(b"odd \xff message")),
+    ]
+    for verdict in cases:
+        fast = links_report.link_record(verdict)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(links_report, "_UTF8_NAMES", False)
+            general = links_report.link_record(verdict)
+        assert fast == general and list(fast) == list(general)

@@ -250,3 +250,41 @@ def test_ten_layers_of_200k_entries_merge_fast() -> None:
     assert gone is not None and (gone.layer_added, gone.layer_deleted, gone.how) == (7, 9, OPAQUE)
     assert view.deletion(b"usr/share/d59/f0-0") is None  # layer 9 re-adds its own
     assert len(view) > 50_000
+
+
+def _hinted(listing: LayerListing) -> LayerListing:
+    """The same listing with the hints a directory walk gives."""
+    plain = (PLAIN_FILE, PLAIN_DIR)
+    return LayerListing(
+        listing.index, listing.name, dict(listing.entries), set(listing.whiteouts),
+        set(listing.opaque),
+        notable={k: e for k, e in listing.entries.items() if e not in plain},
+        dirs_complete=True,
+    )
+
+
+def test_walk_hints_give_the_same_view() -> None:
+    """``notable`` and ``dirs_complete`` only save passes: a view of a hinted listing answers
+    as one of the same listing without hints (one layer and a stack)."""
+    bottom = layer(0, {b"d": b"dir", b"d/f": b"file", b"d/l": b"->f", b"h": b"=>d/l",
+                       b"e": b"dir", b"e/x": b"->../d", b"g": b"dir"})
+    top = layer(1, {b"d": b"dir", b"d/l": b"->../e", b"e": b"opq", b"e/y": b"file",
+                    b"g": b"dir", b"g/gone": b"wh", b"n": b"->nowhere"})
+    for stack in ([bottom], [bottom, top]):
+        plain, hinted = MergedView(stack), MergedView([_hinted(x) for x in stack])
+        assert list(hinted.symlink_nodes()) == list(plain.symlink_nodes())
+        assert sorted(hinted.paths()) == sorted(plain.paths())
+        assert hinted.consistent == plain.consistent
+        for path in plain.paths():
+            assert hinted.node(path) == plain.node(path)
+            assert hinted.deletion(path) == plain.deletion(path)
+
+
+def test_notable_is_trusted_for_the_symlink_list() -> None:
+    """With ``notable`` given, only its entries are looked at for symlinks (the contract:
+    every non-plain entry is in it)."""
+    listing = layer(0, {b"a": b"->b", b"b": b"file"})
+    listing.notable = {}
+    assert list(MergedView([listing]).symlinks()) == []
+    listing.notable = {b"a": listing.entries[b"a"]}
+    assert [path for path, _ in MergedView([listing]).symlinks()] == [b"a"]

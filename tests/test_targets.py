@@ -145,6 +145,19 @@ def test_bad_paths(tmp_path: Path) -> None:
         resolve_targets("image:", Selection())
 
 
+def test_image_marker_names_are_the_image_readers(tmp_path: Path) -> None:
+    """targets.py knows the names an image source is recognised by without importing the
+    image reader; they must be that reader's, and a special file is still refused."""
+    from crifs.check import targets
+    from crifs.oci import layout
+
+    assert (targets._OCI_LAYOUT, targets._INDEX_JSON, targets._DOCKER_MANIFEST) == (
+        layout.OCI_LAYOUT, layout.INDEX_JSON, layout.DOCKER_MANIFEST)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(BadInput, match="neither a directory nor an archive file"):
+        resolve_targets(str(tmp_path / "fifo"), Selection())
+
+
 # -- containerd --------------------------------------------------------------------------------
 
 

@@ -163,6 +163,24 @@ def test_duplicates_later_member_wins(tmp_path: Path, engine: str) -> None:
                                 "y is in the layer twice; the later member wins"]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_notable_holds_exactly_the_entries_that_are_not_plain(tmp_path: Path,
+                                                              engine: str) -> None:
+    """Duplicates included: a symlink replaced by a file leaves ``notable``, and the other
+    way round it enters it."""
+    data = raw_tar(member("x", tarfile.SYMTYPE, link="first"), member("x", data=b"2"),
+                   member("y", data=b"1"), member("./y", tarfile.SYMTYPE, link="last"),
+                   member("d", tarfile.DIRTYPE), member("d/h", tarfile.LNKTYPE, link="y"),
+                   member("d/fifo", tarfile.FIFOTYPE), member("d/.wh.gone"))
+    listing = read(write(tmp_path, data), engine)
+    assert listing.notable == {
+        path: entry for path, entry in listing.entries.items()
+        if entry is not PLAIN_FILE and entry is not PLAIN_DIR
+    }
+    assert set(listing.notable) == {b"y", b"d/h", b"d/fifo"}
+    assert read(write(tmp_path, data), engine, details=True).notable is None
+
+
 def test_problems_are_capped_then_counted(tmp_path: Path) -> None:
     data = raw_tar(*(member(f"/abs{i}", data=b"") for i in range(MAX_EXAMPLES + 7)))
     listing = read(write(tmp_path, data))

@@ -239,3 +239,163 @@ def test_timed_walk_of_100k_entries(tmp_path: Path) -> None:
     assert len(listing.entries) == made
     print(f"\nwalk of {made} entries: {elapsed:.2f} s, process peak RSS {rss} MB")
     assert elapsed < 10
+
+
+def _mixed_tree(root: Path, dirs: int = 40) -> None:
+    """Dirs several levels deep with files, symlinks, hard links across subtrees, a FIFO."""
+    for d in range(dirs):
+        sub = root / f"top{d % 4}" / f"mid{d % 7}" / f"d{d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for f in range(12):
+            (sub / f"f{f}").write_bytes(b"x")
+        (sub / "up").symlink_to(f"../../../top{(d + 1) % 4}")
+        (sub / "gone").symlink_to("missing")
+        raw = os.fsencode(sub)
+        os.symlink(b"\xff\xfe", raw + b"/odd\xe9")
+    os.link(root / "top0" / "mid0" / "d0" / "f1", root / "top3" / "mid6" / "d27" / "also-f1")
+    os.link(root / "top1" / "mid1" / "d1" / "f2", root / "top1" / "mid1" / "d1" / "f2-again")
+    os.mkfifo(root / "top2" / "fifo")
+
+
+def _same_listing(a, b) -> None:  # noqa: ANN001
+    assert a.entries == b.entries
+    assert a.notable == b.notable
+    assert a.notable == {k: e for k, e in a.entries.items() if e not in (PLAIN_FILE, PLAIN_DIR)}
+    assert (a.whiteouts, a.opaque, a.dirs_complete) == (b.whiteouts, b.opaque, True)
+    assert sorted(a.problems) == sorted(b.problems)
+
+
+@pytest.mark.parametrize("mode", ["groups", "all", "off"])
+def test_two_process_walk_gives_the_one_process_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A forked helper walks part of the tree (hard links across the two parts included)."""
+    from crifs.fs import walk as walk_module
+
+    root = tmp_path / "root"
+    _mixed_tree(root)
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", 0)
+    alone = walk(root, hardlinks=mode)
+    started: list[object] = []
+    real_start = walk_module.ForkedJob.start
+
+    def counting_start(job):  # noqa: ANN001, ANN202
+        job_handle = real_start(job)
+        started.append(job_handle)
+        return job_handle
+
+    monkeypatch.setattr(walk_module.ForkedJob, "start", staticmethod(counting_start))
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", 1)
+    monkeypatch.setattr(walk_module, "_PARALLEL_TASKS", 4)  # the four top-level dirs
+    shared = walk(root, hardlinks=mode)
+    assert started and started[0] is not None
+    _same_listing(shared, alone)
+    if mode != "off":
+        assert shared.entries[b"top3/mid6/d27/also-f1"].nlink == 2
+
+
+def test_a_failed_helper_leaves_its_part_to_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crifs.fs import walk as walk_module
+
+    root = tmp_path / "root"
+    _mixed_tree(root)
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", 0)
+    alone = walk(root)
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", 1)
+    monkeypatch.setattr(walk_module, "_PARALLEL_TASKS", 4)
+
+    ran = tmp_path / "helper-ran"
+
+    def broken_export(self, done, **kw):  # noqa: ANN001, ANN003, ANN202 - in the helper only
+        ran.write_text(str(os.getpid()))
+        raise RuntimeError("helper dies")
+
+    monkeypatch.setattr(walk_module._Walker, "export", broken_export)
+    _same_listing(walk(root), alone)
+    assert int(ran.read_text()) != os.getpid()
+
+
+def test_a_helper_failing_midway_leaves_the_rest_to_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the helper sent before it failed is kept; the tasks it did not send are walked
+    by the parent (each exactly once)."""
+    from crifs.fs import walk as walk_module
+
+    root = tmp_path / "root"
+    _mixed_tree(root, dirs=80)
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", 0)
+    alone = walk(root)
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", 1)
+    monkeypatch.setattr(walk_module, "_PARALLEL_TASKS", 28)  # the mid-level dirs
+    real_export = walk_module._Walker.export
+    calls: list[int] = []
+
+    def export_once(self, done, **kw):  # noqa: ANN001, ANN003, ANN202 - in the helper only
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("helper dies after one task")
+        return real_export(self, done, **kw)
+
+    monkeypatch.setattr(walk_module._Walker, "export", export_once)
+    _same_listing(walk(root), alone)
+
+
+def test_problems_of_both_processes_are_counted_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crifs.fs import walk as walk_module
+
+    root = tmp_path / "root"
+    _mixed_tree(root)
+
+    def failing_readlink(path: object) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "readlink", failing_readlink)
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", 0)
+    alone = walk(root)
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", 1)
+    monkeypatch.setattr(walk_module, "_PARALLEL_TASKS", 4)
+    shared = walk(root)
+    assert len(shared.problems) == MAX_EXAMPLES + 1
+    assert shared.problems[-1] == alone.problems[-1] == (
+        f"... and {3 * 40 - MAX_EXAMPLES} more problems of the same kind (unreadable)")
+    assert shared.entries == alone.entries
+
+
+def test_forked_job_chunks_failure_and_kill() -> None:
+    from crifs.fs.forked import ForkedJob
+
+    def chatty(send):  # noqa: ANN001, ANN202
+        for i in range(3):
+            send(b"chunk %d " % i + b"x" * 100_000)
+        return str(os.getpid()).encode()
+
+    job = ForkedJob.start(chatty)
+    assert job is not None
+    taken: list[bytes] = []
+    deadline = time.perf_counter() + 10
+    while len(taken) < 3 and time.perf_counter() < deadline:
+        taken += job.chunks()  # whole chunks only, never waiting
+    rest = job.finish()
+    assert rest is not None
+    every = taken + rest  # the last one may have come with the others
+    assert len(every) == 4 and int(every[3]) != os.getpid()
+    assert [c[:8] for c in every[:3]] == [b"chunk 0 ", b"chunk 1 ", b"chunk 2 "]
+    assert all(len(c) == 100_008 for c in every[:3])
+
+    def failing(send):  # noqa: ANN001, ANN202
+        send(b"whole")
+        raise ValueError("no")
+
+    failed = ForkedJob.start(failing)
+    assert failed is not None and failed.finish() is None
+
+    slow = ForkedJob.start(lambda send: time.sleep(60) or b"")  # type: ignore[func-returns-value]
+    assert slow is not None
+    started = time.perf_counter()
+    slow.kill()
+    assert time.perf_counter() - started < 5

@@ -94,27 +94,32 @@ def reading_fix(resolver: LinkResolver, link_path: bytes, target: bytes) -> byte
 
 
 def basename_fixes(
-    resolver: LinkResolver, wanted: Mapping[int, tuple[bytes, bytes]]
+    resolver: LinkResolver,
+    wanted: Mapping[int, tuple[bytes, bytes]],
+    scan: PathScan | None = None,
 ) -> dict[int, bytes]:
     """Reading 3 for many links at once: ``{key: new_target}`` for those that have one.
 
     ``wanted`` maps a caller's key to ``(link_path, target)`` (absolute link path). One pass
-    over the view's paths finds, for each wanted basename, whether it occurs exactly once.
+    over the view's paths finds, for each wanted basename, whether it occurs exactly once;
+    ``scan``, when given, is that pass already made (for at least these basenames).
     """
     by_name: dict[bytes, list[int]] = {}
     for key, (_, target) in wanted.items():
-        name = target.rstrip(b"/").rpartition(b"/")[2]
-        if name not in _NOT_NAMES:
+        name = target_basename(target)
+        if name is not None:
             by_name.setdefault(name, []).append(key)
     if not by_name:
         return {}
-    found = _find_names(resolver.view.paths(), by_name)
+    if scan is None or not scan.names.issuperset(by_name):
+        scan = PathScan(resolver.view.paths(), names=by_name)
     fixes: dict[int, bytes] = {}
-    for name, places in found.items():
-        if len(places) != 1:
+    for name, keys in by_name.items():
+        places = scan.places.get(name)
+        if places is None or len(places) != 1:
             continue
         place = b"/" + places[0]
-        for key in by_name[name]:
+        for key in keys:
             link_path = wanted[key][0]
             if place == link_path:
                 continue
@@ -124,51 +129,88 @@ def basename_fixes(
     return fixes
 
 
-def _find_names(
-    all_paths: Iterable[bytes], names: Mapping[bytes, object]
-) -> dict[bytes, list[bytes]]:
-    """Where each of ``names`` occurs as a basename; stops counting a name at two places."""
-    found: dict[bytes, list[bytes]] = {}
-    # iterated twice below; a dict's keys can be, without a million-entry copy
-    paths = all_paths if isinstance(all_paths, Collection) else list(all_paths)
-    last = operator.itemgetter(2)
-    basenames = map(last, map(bytes.rpartition, paths, repeat(b"/")))
-    for path in compress(paths, map(names.__contains__, basenames)):  # C-level filter
-        places = found.setdefault(path.rpartition(b"/")[2], [])
-        if len(places) < 2:
-            places.append(path)
-    return found
+def target_basename(target: bytes) -> bytes | None:
+    """The name reading 3 looks for, or ``None`` when the target names none."""
+    name = target.rstrip(b"/").rpartition(b"/")[2]
+    return None if name in _NOT_NAMES else name
+
+
+def near_directory(looked_for: bytes) -> bytes | None:
+    """The directory (a key) reading 4 looks in, or ``None`` when the missing name is none."""
+    parent, _, name = looked_for.rpartition(b"/")
+    return None if name in _NOT_NAMES else parent.lstrip(b"/")
+
+
+class PathScan:
+    """A pass over every visible path (a million in a big rootfs: a few tenths of a second,
+    so readings 3 and 4 share it): where each of ``names`` occurs as a basename (up to two
+    places, as keys) and the names in each of ``dirs`` (up to ``NEAR_MAX_SIBLINGS + 1``:
+    more means too many to choose from).
+
+    Each kind is one C-level stream over the paths (``rpartition`` per path, filtered with
+    ``compress``): a stream frees each split at once, which measured faster than splitting
+    once into lists kept for both kinds (and ``rpartition`` faster than ``rsplit``). Only
+    the paths that match are looked at in Python."""
+
+    def __init__(
+        self,
+        paths: Iterable[bytes],
+        *,
+        names: Collection[bytes] = (),
+        dirs: Collection[bytes] = (),
+    ) -> None:
+        self.places: dict[bytes, list[bytes]] = {}
+        self.children: dict[bytes, list[bytes]] = {directory: [] for directory in dirs}
+        self.names = frozenset(names)
+        wanted_dirs = frozenset(dirs)
+        if not self.names and not wanted_dirs:
+            return
+        # iterated once per kind; a dict's keys can be, without a million-entry copy
+        every = paths if isinstance(paths, Collection) else list(paths)
+        slash = repeat(b"/")
+        if self.names:
+            basenames = map(operator.itemgetter(2), map(bytes.rpartition, every, slash))
+            for path in compress(every, map(self.names.__contains__, basenames)):
+                places = self.places.setdefault(path.rpartition(b"/")[2], [])
+                if len(places) < 2:
+                    places.append(path)
+        if wanted_dirs:
+            parents = map(operator.itemgetter(0), map(bytes.rpartition, every, slash))
+            for path in compress(every, map(wanted_dirs.__contains__, parents)):
+                directory, _, name = path.rpartition(b"/")
+                self._add_child(directory, name)
+
+    def _add_child(self, directory: bytes, name: bytes) -> None:
+        names = self.children[directory]
+        if len(names) <= NEAR_MAX_SIBLINGS:
+            names.append(name)
 
 
 def near_name_fixes(
-    resolver: LinkResolver, wanted: Mapping[int, tuple[bytes, bytes, bytes]]
+    resolver: LinkResolver,
+    wanted: Mapping[int, tuple[bytes, bytes, bytes]],
+    scan: PathScan | None = None,
 ) -> dict[int, bytes]:
     """Reading 4 (see the module doc): ``{key: new_target}`` for the links that have one.
 
     ``wanted`` maps a caller's key to ``(link_path, target, looked_for)``, all absolute but the
     target; ``looked_for`` is the path the target named, whose last component is missing. The
-    new target keeps the link's style: relative when the old one was.
+    new target keeps the link's style: relative when the old one was. Only the first
+    ``NEAR_MAX_LINKS`` are looked at. ``scan``, when given, is the pass over every path
+    already made (for at least the directories of these links).
     """
     by_dir: dict[bytes, list[int]] = {}
     for key, (_, _, looked_for) in list(wanted.items())[:NEAR_MAX_LINKS]:
-        parent, _, name = looked_for.rpartition(b"/")
-        if name not in _NOT_NAMES:
-            by_dir.setdefault(parent.lstrip(b"/"), []).append(key)
+        directory = near_directory(looked_for)
+        if directory is not None:
+            by_dir.setdefault(directory, []).append(key)
     if not by_dir:
         return {}
-    siblings: dict[bytes, list[bytes]] = {d: [] for d in by_dir}
-    first = operator.itemgetter(0)
-    paths = resolver.view.paths()
-    paths = paths if isinstance(paths, Collection) else list(paths)
-    parents = map(first, map(bytes.rpartition, paths, repeat(b"/")))
-    for path in compress(paths, map(siblings.__contains__, parents)):  # C-level filter
-        parent, _, name = path.rpartition(b"/")
-        names = siblings[parent]
-        if len(names) <= NEAR_MAX_SIBLINGS:
-            names.append(name)
+    if scan is None or not all(directory in scan.children for directory in by_dir):
+        scan = PathScan(resolver.view.paths(), dirs=by_dir)
     fixes: dict[int, bytes] = {}
     for directory, keys in by_dir.items():
-        names = siblings[directory]
+        names = scan.children[directory]
         if not names or len(names) > NEAR_MAX_SIBLINGS:
             continue
         for key in keys:

@@ -36,21 +36,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from crifs.errors import BadInput, NotFound, UnsafePath, Unsupported
 from crifs.fs.listing import LayerListing
 from crifs.fs.walk import read_layer_dir
-from crifs.oci.layout import (
-    DOCKER_MANIFEST,
-    INDEX_JSON,
-    OCI_LAYOUT,
-    CompressedArchive,
-    ImageSource,
-    NoImage,
-    SourceImage,
-)
 from crifs.oci.tarlayer import read_layer_tar
 from crifs.stores import Selection, open_stores
+
+if TYPE_CHECKING:
+    from crifs.oci.layout import ImageSource, SourceImage
+
+# The top-level names ``crifs.oci.layout`` recognises an image source by (``OCI_LAYOUT``,
+# ``INDEX_JSON``, ``DOCKER_MANIFEST``; a test holds them equal). Known here so that a plain
+# rootfs, the common big target, is read without importing the image reader.
+_OCI_LAYOUT, _INDEX_JSON, _DOCKER_MANIFEST = "oci-layout", "index.json", "manifest.json"
 
 KIND_ROOTFS = "rootfs"
 KIND_ROOTFS_TAR = "rootfs-tar"
@@ -144,6 +144,13 @@ def _path_targets(path: str, all_platforms: bool) -> list[AuditTarget]:
         listing = read_layer_tar(path, index=0, name=f"rootfs {path}", ident=path)
         if not _holds_image(listing):
             return [AuditTarget(path, KIND_ROOTFS_TAR, lambda: [listing], {"path": path})]
+    elif os.path.isdir(path) and not any(
+        os.path.lexists(os.path.join(path, name))
+        for name in (_OCI_LAYOUT, _INDEX_JSON, _DOCKER_MANIFEST)
+    ):
+        return [_rootfs_target(path)]  # a directory that cannot hold an image
+    from crifs.oci.layout import CompressedArchive, ImageSource, NoImage
+
     try:
         source = ImageSource.open(path, all_platforms=all_platforms)
     except NoImage:
@@ -192,9 +199,9 @@ def _holds_image(listing: LayerListing) -> bool:
     names = listing.entries
     blobs = any(p.startswith(b"blobs/") for p in names)
     return (
-        OCI_LAYOUT.encode() in names
+        _OCI_LAYOUT.encode() in names
         or (blobs or any(p.endswith(b"/layer.tar") for p in names))
-        and (INDEX_JSON.encode() in names or DOCKER_MANIFEST.encode() in names)
+        and (_INDEX_JSON.encode() in names or _DOCKER_MANIFEST.encode() in names)
     )
 
 

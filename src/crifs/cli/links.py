@@ -338,9 +338,10 @@ def links(
     )
     reports = _audit_all(_resolve_all(specs or [None], g, all_images), keep, show_ok)
     from crifs.report import links as links_report
-    from crifs.report.sarif import write_sarif
 
     if g.output is Format.SARIF:
+        from crifs.report.sarif import write_sarif
+
         write_sarif(reports)
     elif g.output in (Format.JSON, Format.YAML):
         links_report.write_links_document(reports, g.output)

@@ -32,12 +32,11 @@ built from is being changed.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
-from typing import Any
 
-from crifs.fs.listing import PLAIN_DIR, Entry, EntryKind, LayerListing
+from crifs.fs.listing import PLAIN_DIR, Entry, EntryKind, LayerListing, fast_constructor
 
 WHITEOUT = "whiteout"
 OPAQUE = "opaque"
@@ -47,6 +46,7 @@ _DIR = EntryKind.DIR
 _SYMLINK = EntryKind.SYMLINK
 _HARDLINK = EntryKind.HARDLINK
 _MAX_HARDLINK_CHAIN = 64  # a guard against a chain that loops; real chains are short
+_ABSENT = Entry(EntryKind.FIFO)  # stands for "no entry" where a kind must be read
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +96,8 @@ class MergedView:
             self._implicit = {}
         elif len(self.layers) == 1:
             self._entries = self.layers[0].entries
-            self._implicit = None
+            # a layer that lists every parent directory implies none (a directory walk)
+            self._implicit = {} if self.layers[0].dirs_complete else None
         else:
             merge = _Merge(self.layers)
             merge.run()
@@ -196,17 +197,15 @@ class MergedView:
         """As ``symlinks``, with a flag that is ``True`` when the node's entry is the one
         stored at the path (``False`` for a tar hard link to a symlink)."""
         entries = self._entries
-        # C-level filtering: the kinds are read once, then each wanted kind picked out
-        kinds = list(map(operator.attrgetter("kind"), entries.values()))
-        paths = list(compress(entries.keys(), map(operator.is_, kinds, repeat(_SYMLINK))))
-        hardlinks = list(compress(entries.keys(), map(operator.is_, kinds, repeat(_HARDLINK))))
-        del kinds
-        paths.extend(hardlinks)
+        paths = self._link_paths()
         paths.sort()
         single = None if self._implicit_stored else self.layers[0].index
         providers = self._providers(paths) if single is None else {}
+        notable = self.layers[0].notable if single is not None else None
+        # the small dict of a single layer's notable entries: fewer cache misses
+        get = notable.__getitem__ if notable is not None else entries.__getitem__
         for path in paths:
-            found = entries[path]
+            found = get(path)
             own = True
             if found.kind is _HARDLINK:
                 source = self.hardlink_source(path, found)
@@ -216,6 +215,33 @@ class MergedView:
                 own = False
             layer = single if single is not None else providers.get(path, self.layers[0].index)
             yield path, _node(found, layer), own
+
+    def link_count(self) -> int:
+        """The number of visible symlinks and tar hard links: at least as many as
+        ``symlinks`` lists (a hard link counts there only when its source is a symlink)."""
+        return len(self._link_paths())
+
+    def _link_paths(self) -> list[bytes]:
+        """The visible paths whose entry is a symlink or a tar hard link, unordered.
+
+        When every layer has its ``notable`` entries, only those are looked at (a visible
+        symlink is some layer's entry; for one layer they are the visible entries, in a
+        stack a lookup tells which are still visible); else every entry. C-level filtering
+        either way: the kinds are read once, then each wanted kind picked out."""
+        notables = [layer.notable for layer in self.layers]
+        candidates: Collection[bytes]
+        found: Iterable[Entry]
+        if len(notables) == 1 and notables[0] is not None:
+            candidates, found = notables[0].keys(), notables[0].values()
+        elif notables and all(notable is not None for notable in notables):
+            candidates = set(chain.from_iterable(notables))  # type: ignore[arg-type]
+            found = map(self._entries.get, candidates, repeat(_ABSENT))  # type: ignore[arg-type]
+        else:
+            candidates, found = self._entries.keys(), self._entries.values()
+        kinds = list(map(operator.attrgetter("kind"), found))
+        paths = list(compress(candidates, map(operator.is_, kinds, repeat(_SYMLINK))))
+        paths += compress(candidates, map(operator.is_, kinds, repeat(_HARDLINK)))
+        return paths
 
     def _providers(self, paths: list[bytes]) -> dict[bytes, int]:
         """``provider`` of many visible paths that are not directories, at once: a set
@@ -311,6 +337,9 @@ class _Merge:
         entries = self.entries
         entries.update(layer.entries)
         index = layer.index
+        if layer.dirs_complete:  # every parent is listed as a directory: none to imply
+            self._imply_marker_dirs(layer)
+            return
         parents = set(map(operator.itemgetter(0), map(bytes.rpartition, entries, repeat(b"/"))))
         for parent in parents:  # each distinct parent once, not each path
             if parent and not _is_dir(entries.get(parent)):
@@ -439,25 +468,6 @@ class _Merge:
                     siblings.add(path)
             self.children = children
         return self.children
-
-
-def fast_constructor(cls: type) -> Callable[..., Any]:
-    """A constructor for a frozen slotted dataclass that sets its slots directly.
-
-    The generated ``__init__`` of a frozen class goes through ``object.__setattr__`` per field
-    and costs about three times as much, which shows when a million links are judged. The
-    returned function takes every field positionally, in declaration order, and runs no
-    ``__post_init__``; the instance is equal to one made the normal way. Built once per class,
-    the way ``dataclasses`` builds ``__init__``.
-    """
-    names: tuple[str, ...] = cls.__slots__  # type: ignore[attr-defined]
-    setters = {f"set{i}": cls.__dict__[name].__set__ for i, name in enumerate(names)}
-    args = ", ".join(f"a{i}" for i in range(len(names)))
-    body = "".join(f"    set{i}(obj, a{i})\n" for i in range(len(names)))
-    source = f"def make({args}):\n    obj = new(cls)\n{body}    return obj\n"
-    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls, **setters}
-    exec(source, namespace)  # noqa: S102 - fixed template over the class's own slot names
-    return namespace["make"]  # type: ignore[no-any-return]
 
 
 _node = fast_constructor(Node)

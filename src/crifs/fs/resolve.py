@@ -133,6 +133,21 @@ class LinkResolver:
             chain.clear()
         return _walk(self.view, b"", _components(path), 0, True, self.max_hops, None)
 
+    def direct(self, path: bytes, target: bytes) -> bytes | None:
+        """The absolute path reached when the symlink at ``path`` whose target is ``target``
+        (its own, visible entry) names, on the quick route, a visible entry that is neither
+        a symlink nor a tar hard link: the common case, answered without a ``Resolution``
+        (it would be ``ok`` after one hop). ``None``: ask ``resolve``."""
+        if not self._quick:
+            return None
+        key = _lexical(path.rpartition(b"/")[0], target)
+        if key is None:
+            return None
+        found = self._get(key)
+        if found is None or found.kind is _SYMLINK or found.kind is _HARDLINK:
+            return None
+        return b"/" + key
+
     def follow_simple(self, path: bytes, chain: list[bytes] | None = None) -> Resolution | None:
         """The quick route's answer, or ``None`` when it does not apply. Each symlink followed
         is appended to ``chain`` when given (a cycle's first link appears twice).

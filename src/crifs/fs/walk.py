@@ -22,6 +22,16 @@ directory marked ``overlay.opaque=x`` are checked for an ``overlay.whiteout`` xa
 looks for those xattr whiteouts only there, ``Documentation/filesystems/overlayfs.rst``); 0/0
 character devices are whiteouts. The rules themselves are ``crifs.oci.whiteout``'s.
 
+A big tree is walked by two processes (see ``_Walker.walk_shared``): after
+:data:`PARALLEL_AFTER` entries the directories still to walk are handed out one at a time to
+this process and to a forked helper (``crifs.fs.forked``), which sends its part back as it
+goes. The listing is the same as a walk by one process (only the order of ``problems`` may
+differ); if the helper fails, its directories are walked here.
+
+The listing says ``dirs_complete`` (every entry's parent is a listed directory) and fills
+``notable`` (the symlinks, devices and hard-linked files), so consumers skip passes over every
+entry.
+
 Errors: a missing root is ``NotFound``, a root that is a symlink ``UnsafePath`` (crifs follows
 no symlink, not even the first: the message names the real path to pass instead), a root that
 is not a directory ``BadInput``. Below the root, anything unreadable (permission denied, a
@@ -32,20 +42,37 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import stat
 from array import array
-from collections.abc import Callable
-from itertools import compress, islice
+from collections.abc import Callable, Iterable
+from functools import partial
+from itertools import compress, islice, repeat
 from operator import eq
 
 from crifs.errors import BadInput, NotFound, UnsafePath
+from crifs.fs.forked import ForkedJob, TaskNumbers
 from crifs.fs.gcpause import gc_paused
-from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind, LayerListing
+from crifs.fs.listing import (
+    PLAIN_DIR,
+    PLAIN_FILE,
+    Entry,
+    EntryKind,
+    LayerListing,
+    fast_constructor,
+)
 from crifs.fs.mounts import mount_points
 from crifs.oci import whiteout
 
 MAX_EXAMPLES = 20  # problems of one kind spelled out before they are only counted
 GROUPS, STAT_ALL, OFF = "groups", "all", "off"  # hard-link modes, see read_layer_dir
+# A tree with more entries than this is walked by two processes (0: never). Below it, a fork
+# costs more than it saves.
+PARALLEL_AFTER = 20_000
+# Directories handed out in turn: enough that the last one to finish is a small part of the
+# walk, few enough that splitting the top of the tree into them is quick.
+_PARALLEL_TASKS = 64
+_NUL = b"\0"
 
 _KIND_OF_MODE = {
     stat.S_IFREG: EntryKind.FILE,
@@ -58,6 +85,10 @@ _KIND_OF_MODE = {
 }
 _OVERLAY_XATTRS = frozenset(whiteout.OPAQUE_XATTRS)
 _XWHITEOUT_DIR = b"x"  # overlay.opaque value of a directory holding xattr whiteouts
+
+# A directory still to walk: (its path on the host, its key in the listing, holds xattr
+# whiteouts)
+_Task = tuple[bytes, bytes, bool]
 
 
 def read_layer_dir(
@@ -95,132 +126,178 @@ def read_layer_dir(
                          f"path instead: {real}", path=shown)
     if not stat.S_ISDIR(st.st_mode):
         raise BadInput("is not a directory", path=shown)
-    walker = _Walker(LayerListing(index=index, name=name, ident=ident, source=shown),
-                     overlay, hardlinks, _mounts_below(root))
+    listing = LayerListing(index=index, name=name, ident=ident, source=shown)
+    walker = _Walker(overlay, hardlinks, _mounts_below(root))
     with gc_paused():
         walker.walk(root)
-    return walker.finish()
+        walker.fill(listing, root)
+    return listing
 
 
 class _Walker:
-    def __init__(self, listing: LayerListing, overlay: bool, hardlinks: str,
-                 mounted: set[bytes]) -> None:
-        self.listing = listing
+    """What one process found: the listing's ``entries`` and ``notable`` dicts, and flat
+    lists gathered since the last ``flush`` (appending to a list costs a fraction of an
+    insert into a million-entry dict; ``flush`` moves them in C). ``fill`` makes the listing.
+
+    ``files[i]`` has the directory-entry inode number ``file_inodes[i]`` (``groups`` mode
+    only, then kept whole for ``stat_groups``), likewise a helper's ``helper_files`` and
+    ``helper_inodes``; ``links[i]`` is a symlink whose target is ``targets[i]``; ``others``
+    holds every entry that is neither plain nor a plain symlink (devices, hard-linked
+    files)."""
+
+    def __init__(self, overlay: bool, hardlinks: str, mounted: set[bytes]) -> None:
         self.overlay = overlay
         self.hardlinks = hardlinks
         self.mounted = mounted
+        self.reset()
+
+    def reset(self) -> None:
+        self.entries: dict[bytes, Entry] = {}
+        self.notable: dict[bytes, Entry] = {}
+        self.reset_pending()
+        # a helper's files and their inode numbers (kept apart: see walk_shared)
+        self.helper_files: list[bytes] = []
+        self.helper_inodes = array("Q")
+        self.flushed_helper_files = 0
+        self.inodes_distinct: bool | None = None  # known for all inode numbers, or None
+        self.helper_inodes_distinct: bool | None = None  # what the helper said of its own
+
+    def reset_pending(self) -> None:
+        """Forget what was found since the last ``export`` (a helper's next chunk)."""
+        self.dirs: list[bytes] = []
+        self.files: list[bytes] = []
+        self.flushed_files = 0  # files[:flushed_files] are in entries already
+        self.file_inodes = array("Q")
+        self.links: list[bytes] = []
+        self.targets: list[bytes] = []
+        self.others: dict[bytes, Entry] = {}
+        self.whiteouts: set[bytes] = set()
+        self.opaque: set[bytes] = set()
+        self.examples: list[tuple[str, str]] = []  # (kind, message), MAX_EXAMPLES per kind
         self.counts: dict[str, int] = {}
 
     def problem(self, kind: str, message: str) -> None:
         seen = self.counts.get(kind, 0) + 1
         self.counts[kind] = seen
         if seen <= MAX_EXAMPLES:
-            self.listing.problems.append(message)
+            self.examples.append((kind, message))
 
-    def finish(self) -> LayerListing:
-        for kind, count in self.counts.items():
-            if count > MAX_EXAMPLES:
-                self.listing.problems.append(
-                    f"... and {count - MAX_EXAMPLES} more problems of the same kind ({kind})")
-        return self.listing
+    def seen(self) -> int:
+        """Entries found so far (before any helper starts)."""
+        pending = len(self.dirs) + len(self.files) - self.flushed_files + len(self.links)
+        return len(self.entries) + pending + len(self.others)
+
+    def flush(self) -> None:
+        """Move what the lists gathered since the last flush into ``entries`` and
+        ``notable``, in C (directories first, so a parent comes before its children).
+        ``files`` stays whole in ``groups`` mode, where ``stat_groups`` needs it."""
+        entries = self.entries
+        entries.update(zip(self.dirs, repeat(PLAIN_DIR)))
+        self.dirs = []
+        entries.update(zip(self.files[self.flushed_files :], repeat(PLAIN_FILE)))
+        entries.update(zip(self.helper_files[self.flushed_helper_files :], repeat(PLAIN_FILE)))
+        if self.hardlinks == GROUPS:
+            self.flushed_files = len(self.files)
+            self.flushed_helper_files = len(self.helper_files)
+        else:
+            self.files, self.helper_files = [], []
+        made = dict(zip(self.links, map(_symlink_entry, self.targets), strict=True))
+        self.links, self.targets = [], []
+        made.update(self.others)
+        self.others = {}
+        entries.update(made)
+        self.notable.update(made)
+
+    # -- walking ------------------------------------------------------------------------
 
     def walk(self, root: bytes) -> None:
+        """Walk the tree at ``root``: alone, or with a helper once it proves big."""
+        stack: list[_Task] = [(root, b"", self.overlay and self.dir_xattrs(root, b""))]
+        scan = self.scan_dir
+        limit = PARALLEL_AFTER
+        while stack and (not limit or self.seen() < limit):
+            scan(stack.pop(), stack)
+        if stack:
+            tasks = _split(stack, scan)
+            self.flush()
+            self.walk_shared(tasks)
+            self.flush()
+
+    def walk_tasks(
+        self,
+        tasks: list[_Task],
+        order: Callable[[], int | None],
+        after: Callable[[int], None] | None = None,
+    ) -> None:
+        """Walk the subtrees ``tasks[i]`` for each ``i`` that ``order`` hands out, until it
+        gives ``None``, calling ``after(i)`` when one is done."""
+        scan = self.scan_dir
+        while (number := order()) is not None:
+            stack = [tasks[number]]
+            while stack:
+                scan(stack.pop(), stack)
+            if after is not None:
+                after(number)
+
+    def scan_dir(self, task: _Task, stack: list[_Task]) -> None:
+        """List one directory; its subdirectories go on ``stack``."""
+        dir_path, dir_key, xwhiteouts = task
+        prefix = dir_key + b"/" if dir_key else b""
+        try:
+            scanner = os.scandir(dir_path)
+        except OSError as err:
+            self.problem("unreadable", f"cannot list /{_show(dir_key)}: "
+                                       f"{os.strerror(err.errno or 0)}; its contents are "
+                                       "not audited")
+            return
         # Locals for the hot loop: ~1M iterations in a big rootfs.
-        entries = self.listing.entries
-        whiteouts = self.listing.whiteouts
-        overlay, mode, mounted = self.overlay, self.hardlinks, self.mounted
-        stat_all, by_inode = mode == STAT_ALL, mode == GROUPS
-        # d_ino and key of every regular file, in step; shared inode numbers are looked for
-        # once after the walk (see stat_groups). Measured on 1M entries, that costs less CPU
-        # than a dict keyed by inode filled in the loop, and lowers the walk's peak RSS (the
-        # array holds no int objects).
-        file_inodes = array("Q")
-        file_keys: list[bytes] = []
-        add_inode, add_file_key = file_inodes.append, file_keys.append
-        readlink, plain_file, plain_dir = os.readlink, PLAIN_FILE, PLAIN_DIR
-        symlink_entry = _symlink_entry
-        # (directory path on the host, its key in the listing, holds xattr whiteouts)
-        stack: list[tuple[bytes, bytes, bool]] = [
-            (root, b"", overlay and self.dir_xattrs(root, b""))]
-        while stack:
-            dir_path, dir_key, xwhiteouts = stack.pop()
-            prefix = dir_key + b"/" if dir_key else b""
+        overlay, mounted, readlink = self.overlay, self.mounted, os.readlink
+        stat_all, by_inode = self.hardlinks == STAT_ALL, self.hardlinks == GROUPS
+        add_file, add_inode, add_dir = self.files.append, self.file_inodes.append, self.dirs.append
+        add_link, add_target = self.links.append, self.targets.append
+        with scanner:
             try:
-                scanner = os.scandir(dir_path)
+                for entry in scanner:
+                    key = prefix + entry.name
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            if xwhiteouts and self.xattr_whiteout(entry):
+                                self.whiteouts.add(key)
+                            elif stat_all:
+                                self.regular(key, entry.stat(follow_symlinks=False))
+                            elif by_inode:
+                                inode = entry.inode()
+                                add_file(key)
+                                add_inode(inode)
+                            else:
+                                add_file(key)
+                        elif entry.is_dir(follow_symlinks=False):
+                            add_dir(key)
+                            if mounted and key in mounted:
+                                self.problem("mount", f"/{_show(key)} is another filesystem "
+                                                      "mounted here; not descended into")
+                                continue
+                            stack.append((entry.path, key,
+                                          overlay and self.dir_xattrs(entry.path, key)))
+                        elif entry.is_symlink():
+                            target = readlink(entry.path)
+                            add_link(key)
+                            add_target(target)
+                        else:
+                            self.special(key, entry.stat(follow_symlinks=False))
+                    except OSError as err:
+                        self.problem("unreadable", f"cannot read /{_show(key)}: "
+                                                   f"{os.strerror(err.errno or 0)}; left out")
             except OSError as err:
                 self.problem("unreadable", f"cannot list /{_show(dir_key)}: "
-                                           f"{os.strerror(err.errno or 0)}; its contents are "
-                                           "not audited")
-                continue
-            with scanner:
-                try:
-                    for entry in scanner:
-                        key = prefix + entry.name
-                        try:
-                            if entry.is_file(follow_symlinks=False):
-                                if xwhiteouts and self.xattr_whiteout(entry):
-                                    whiteouts.add(key)
-                                elif stat_all:
-                                    self.regular(key, entry.stat(follow_symlinks=False))
-                                else:
-                                    entries[key] = plain_file
-                                    if by_inode:
-                                        add_inode(entry.inode())
-                                        add_file_key(key)
-                            elif entry.is_dir(follow_symlinks=False):
-                                entries[key] = plain_dir
-                                if mounted and key in mounted:
-                                    self.problem("mount", f"/{_show(key)} is another "
-                                                          "filesystem mounted here; not "
-                                                          "descended into")
-                                    continue
-                                stack.append((entry.path, key,
-                                              overlay and self.dir_xattrs(entry.path, key)))
-                            elif entry.is_symlink():
-                                entries[key] = symlink_entry(readlink(entry.path))
-                            else:
-                                self.special(key, entry.stat(follow_symlinks=False))
-                        except OSError as err:
-                            self.problem("unreadable", f"cannot read /{_show(key)}: "
-                                                       f"{os.strerror(err.errno or 0)}; left out")
-                except OSError as err:
-                    self.problem("unreadable", f"cannot list /{_show(dir_key)}: "
-                                               f"{os.strerror(err.errno or 0)}")
-        if file_keys:
-            self.stat_groups(root, file_inodes, file_keys)
-
-    def stat_groups(self, root: bytes, file_inodes: array[int], file_keys: list[bytes]) -> None:
-        """``lstat`` the regular files that share a directory-entry inode number with another
-        one (hard-link groups inside the layer) and keep their identity and link count.
-
-        ``file_inodes[i]`` is the inode number of ``file_keys[i]``. The shared numbers are the
-        equal neighbours of the sorted numbers: every step runs in C (``sorted``, ``map``,
-        ``compress``), and a sorted list needs half the memory of a set of the same numbers
-        (this runs while the listing is at its largest). Inode numbers come out of a walk
-        mostly ascending, which makes the sort close to linear."""
-        ordered = sorted(file_inodes)
-        shared = set(compress(ordered, map(eq, ordered, islice(ordered, 1, None))))
-        del ordered
-        if not shared:
-            return
-        for key in compress(file_keys, map(shared.__contains__, file_inodes)):
-            try:
-                st = os.lstat(root + b"/" + key)
-            except OSError as err:
-                self.problem("unreadable", f"cannot read /{_show(key)}: "
                                            f"{os.strerror(err.errno or 0)}")
-                continue
-            if stat.S_ISREG(st.st_mode):
-                self.regular(key, st)
 
     def regular(self, key: bytes, st: os.stat_result) -> None:
         """A regular file with its ``lstat``: an xattr-less plain file or a hard link."""
         if st.st_nlink > 1:
-            self.listing.entries[key] = Entry(
-                EntryKind.FILE, b"", stat.S_IMODE(st.st_mode), st.st_size, st.st_uid,
-                st.st_gid, (st.st_dev, st.st_ino), st.st_nlink)
+            self.others[key] = _hard_linked(st)
         else:
-            self.listing.entries[key] = PLAIN_FILE
+            self.files.append(key)
 
     def xattr_whiteout(self, entry: os.DirEntry[bytes]) -> bool:
         st = entry.stat(follow_symlinks=False)
@@ -230,12 +307,11 @@ class _Walker:
     def special(self, key: bytes, st: os.stat_result) -> None:
         """A device, FIFO or socket (or a whiteout)."""
         if self.overlay and whiteout.is_overlay_whiteout(st):
-            self.listing.whiteouts.add(key)
+            self.whiteouts.add(key)
             return
         kind = _KIND_OF_MODE.get(stat.S_IFMT(st.st_mode), EntryKind.FILE)
-        self.listing.entries[key] = Entry(kind, b"", stat.S_IMODE(st.st_mode), st.st_size,
-                                          st.st_uid, st.st_gid, (st.st_dev, st.st_ino),
-                                          st.st_nlink)
+        self.others[key] = Entry(kind, b"", stat.S_IMODE(st.st_mode), st.st_size, st.st_uid,
+                                 st.st_gid, (st.st_dev, st.st_ino), st.st_nlink)
 
     def dir_xattrs(self, path: bytes, key: bytes) -> bool:
         """Read a directory's overlay xattrs: record it opaque (``y``); ``True`` when it is
@@ -257,47 +333,223 @@ class _Walker:
         if not found:
             return False
         if whiteout.is_overlay_opaque(found):
-            self.listing.opaque.add(key)
+            self.opaque.add(key)
         return _XWHITEOUT_DIR in found.values()
 
+    # -- two processes --------------------------------------------------------------------
 
-def _plain_symlink_entry_maker() -> Callable[[bytes], Entry]:
-    """A fast ``lambda target: Entry(EntryKind.SYMLINK, target)``.
+    def walk_shared(self, tasks: list[_Task]) -> None:
+        """Walk ``tasks`` with a forked helper (a ``ForkedJob``), each process taking the next
+        task number when it is free. The helper sends what it found after each task, and
+        this process adds that to its dicts between its own tasks: the dicts grow while the
+        helper still walks, instead of all at the end (inserting half a million keys takes
+        a few tenths of a second). Whatever the helper did not deliver (it failed) is walked
+        here."""
+        numbers = TaskNumbers(len(tasks))
+        done: set[int] = set()
+        helper: ForkedJob | None = None
 
-    ``Entry`` is a frozen dataclass, whose ``__init__`` sets each of its eight fields through
-    ``object.__setattr__`` (~2 us a symlink on a 2-vCPU VM). Filling the slots through their
-    descriptors gives the same object (same class, equality and hash) in about half the
-    time: ~0.1 s on a tree with 100k symlinks. Used only while the slots are exactly the
-    fields this knows and the result equals the constructor's; else the constructor is used.
-    """
-    fields = ("kind", "target", "mode", "size", "uid", "gid", "inode", "nlink")
+        def helper_job(send: Callable[[bytes], None]) -> bytes:
+            self.reset()  # the helper's own findings only
+            every = array("Q")
 
-    def constructed(target: bytes) -> Entry:
-        return Entry(EntryKind.SYMLINK, target)
+            def send_task(number: int) -> None:
+                every.extend(self.file_inodes)
+                send(self.export([number]))
+                self.reset_pending()
 
-    if getattr(Entry, "__slots__", None) != fields:
-        return constructed
-    setters = [getattr(Entry, name).__set__ for name in fields]
-    set_kind, set_target, set_mode, set_size, set_uid, set_gid, set_inode, set_nlink = setters
-    new, kind = object.__new__, EntryKind.SYMLINK
+            self.walk_tasks(tasks, numbers.next, send_task)
+            return self.export([], distinct=len(set(every)) == len(every))  # here, in parallel
 
-    def symlink_entry(target: bytes) -> Entry:
-        made = new(Entry)
-        set_kind(made, kind)
-        set_target(made, target)
-        set_mode(made, 0)
-        set_size(made, 0)
-        set_uid(made, 0)
-        set_gid(made, 0)
-        set_inode(made, None)
-        set_nlink(made, 1)
-        return made
+        def between(number: int) -> None:
+            done.add(number)
+            if helper is not None:
+                for chunk in helper.chunks():
+                    done.update(self.absorb(chunk))
+            self.flush()
 
-    # the defaults above must be the dataclass's: same object as the constructor's, or not used
-    return symlink_entry if symlink_entry(b"t") == constructed(b"t") else constructed
+        try:
+            helper = ForkedJob.start(helper_job) if len(tasks) > 1 else None
+            try:
+                self.walk_tasks(tasks, numbers.next, between)
+            except BaseException:
+                if helper is not None:
+                    helper.kill()
+                raise
+        finally:
+            numbers.close()
+        # While the helper finishes: are this process's inode numbers distinct (the common
+        # case, no hard links)? Then only the helper's need a look after it is done.
+        mine = set(self.file_inodes)
+        self.inodes_distinct = len(mine) == len(self.file_inodes)
+        rest = helper.finish() if helper is not None else []
+        for chunk in rest or ():
+            done.update(self.absorb(chunk))
+        self.flush()
+        if helper is not None:
+            if rest is None or self.helper_inodes_distinct is None:
+                self.inodes_distinct = None  # not known: stat_groups looks
+            else:
+                self.inodes_distinct = (self.inodes_distinct and self.helper_inodes_distinct
+                                        and mine.isdisjoint(self.helper_inodes))
+        del mine
+        missing = [number for number in range(len(tasks)) if number not in done]
+        if missing:
+            self.inodes_distinct = None
+            self.walk_tasks(tasks, _handing_out(missing), lambda _: self.flush())
+
+    def export(self, done: list[int], *, distinct: bool | None = None) -> bytes:
+        """What this (helper) process found since the last export, for ``absorb`` in the
+        parent: the task numbers ``done`` and, in the last one, whether all its inode
+        numbers were ``distinct``."""
+        header = (done, self.examples, self.counts, self.others, self.whiteouts, self.opaque,
+                  len(self.dirs), len(self.files), len(self.links), distinct)
+        blobs = [_NUL.join(self.dirs), _NUL.join(self.files), _NUL.join(self.links),
+                 _NUL.join(self.targets), self.file_inodes.tobytes()]
+        head = pickle.dumps((header, [len(blob) for blob in blobs]),
+                            protocol=pickle.HIGHEST_PROTOCOL)
+        return b"".join([len(head).to_bytes(8, "little"), head, *blobs])
+
+    def absorb(self, data: bytes) -> list[int]:
+        """Add a helper's ``export`` to what this process found; the task numbers it did
+        (none when ``data`` is not a whole export: then nothing is added)."""
+        try:
+            size = int.from_bytes(data[:8], "little")
+            header, lengths = pickle.loads(data[8 : 8 + size])
+            (done, examples, counts, others, whiteouts, opaque, n_dirs, n_files, n_links,
+             distinct) = header
+            blobs, offset = [], 8 + size
+            for length in lengths:
+                blobs.append(data[offset : offset + length])
+                offset += length
+            dirs, files, links, targets, inodes = blobs
+            if offset != len(data) or len(inodes) % self.helper_inodes.itemsize:
+                return []
+            dir_keys, file_keys = _split_keys(dirs, n_dirs), _split_keys(files, n_files)
+            link_keys, link_targets = _split_keys(links, n_links), _split_keys(targets, n_links)
+        except (ValueError, TypeError, EOFError, pickle.UnpicklingError):
+            return []
+        self.dirs += dir_keys
+        self.helper_files += file_keys
+        self.links += link_keys
+        self.targets += link_targets
+        self.helper_inodes.frombytes(inodes)
+        if distinct is not None:
+            self.helper_inodes_distinct = bool(distinct)
+        self.others.update(others)
+        self.whiteouts |= whiteouts
+        self.opaque |= opaque
+        for kind, message in examples:
+            seen = self.counts.get(kind, 0) + 1
+            self.counts[kind] = seen
+            if seen <= MAX_EXAMPLES:
+                self.examples.append((kind, message))
+        for kind, count in counts.items():
+            shown = sum(1 for k, _ in examples if k == kind)
+            self.counts[kind] = self.counts.get(kind, 0) + count - shown
+        return list(done)
+
+    # -- the listing ----------------------------------------------------------------------
+
+    def fill(self, listing: LayerListing, root: bytes) -> None:
+        """Turn what was found into ``listing``'s entries, look for hard-link groups and
+        write the problems."""
+        self.flush()
+        entries, notable = self.entries, self.notable
+        if self.file_inodes or self.helper_inodes:
+            self.stat_groups(entries, notable, root)
+        listing.entries = entries
+        listing.notable = notable
+        listing.whiteouts = self.whiteouts
+        listing.opaque = self.opaque
+        listing.dirs_complete = True
+        for _, message in self.examples:
+            listing.problems.append(message)
+        for kind, count in self.counts.items():
+            if count > MAX_EXAMPLES:
+                listing.problems.append(
+                    f"... and {count - MAX_EXAMPLES} more problems of the same kind ({kind})")
+
+    def stat_groups(
+        self, entries: dict[bytes, Entry], notable: dict[bytes, Entry], root: bytes
+    ) -> None:
+        """``lstat`` the regular files that share a directory-entry inode number with another
+        one (hard-link groups inside the layer), keep their identity and link count in
+        ``entries`` and ``notable``.
+
+        ``file_inodes[i]`` is the inode number of ``files[i]`` (the same for the helper's).
+        Most trees have no hard links: one set of the numbers tells (C-level; ``walk_shared``
+        may know already). Else the shared numbers are the equal neighbours of the sorted
+        numbers: every step runs in C (``sorted``, ``map``, ``compress``). Inode numbers come
+        out of a walk mostly ascending, which makes the sort close to linear."""
+        if self.inodes_distinct:
+            return
+        inodes, keys = self.file_inodes + self.helper_inodes, self.files + self.helper_files
+        if self.inodes_distinct is None and len(set(inodes)) == len(inodes):
+            return
+        ordered = sorted(inodes)
+        shared = set(compress(ordered, map(eq, ordered, islice(ordered, 1, None))))
+        del ordered
+        for key in compress(keys, map(shared.__contains__, inodes)):
+            try:
+                st = os.lstat(root + b"/" + key)
+            except OSError as err:
+                self.problem("unreadable", f"cannot read /{_show(key)}: "
+                                           f"{os.strerror(err.errno or 0)}")
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                entries[key] = notable[key] = _hard_linked(st)
 
 
-_symlink_entry = _plain_symlink_entry_maker()
+def _handing_out(numbers: Iterable[int]) -> Callable[[], int | None]:
+    items = iter(numbers)
+    return lambda: next(items, None)
+
+
+def _split(stack: list[_Task], scan: Callable[[_Task, list[_Task]], None]) -> list[_Task]:
+    """Tasks for two walkers: the directories still to walk, split level by level (every
+    shallowest one listed here, its subdirectories becoming tasks) until there are
+    :data:`_PARALLEL_TASKS`, so that no single task is a big part of the tree. Shallow ones
+    first: they tend to be the biggest, and the walkers take tasks in order."""
+    tasks = list(stack)
+    scans = 0
+    while 0 < len(tasks) < _PARALLEL_TASKS and scans < 4 * _PARALLEL_TASKS:
+        shallowest = min(map(_depth, tasks))
+        level = [task for task in tasks if _depth(task) == shallowest]
+        tasks = [task for task in tasks if _depth(task) != shallowest]
+        for task in level:  # fewer than _PARALLEL_TASKS
+            scan(task, tasks)
+        scans += len(level)
+    tasks.sort(key=_depth)
+    return tasks
+
+
+def _depth(task: _Task) -> int:
+    return task[1].count(b"/")
+
+
+def _split_keys(blob: bytes, count: int) -> list[bytes]:
+    return blob.split(_NUL) if count else []
+
+
+def _hard_linked(st: os.stat_result) -> Entry:
+    return Entry(EntryKind.FILE, b"", stat.S_IMODE(st.st_mode), st.st_size, st.st_uid,
+                 st.st_gid, (st.st_dev, st.st_ino), st.st_nlink)
+
+
+_new_entry = fast_constructor(Entry)
+_SYMLINK = EntryKind.SYMLINK
+
+
+def _symlink_entry(target: bytes) -> Entry:
+    """``Entry(EntryKind.SYMLINK, target)`` in half the time (the frozen dataclass's
+    ``__init__`` goes through ``object.__setattr__`` per field): ~0.1 s on a tree with 100k
+    symlinks. The same object: the defaults here are the dataclass's (checked below)."""
+    return _new_entry(_SYMLINK, target, 0, 0, 0, 0, None, 1)
+
+
+if _symlink_entry(b"t") != Entry(_SYMLINK, b"t"):  # the dataclass's defaults changed
+    _symlink_entry = partial(Entry, _SYMLINK)  # noqa: F811
 
 
 def _show(name: bytes) -> str:

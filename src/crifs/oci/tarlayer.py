@@ -21,7 +21,8 @@ Contract of :func:`read_layer_tar`:
   other aufs metadata (``.wh..wh.plnk`` …) is dropped;
 - regular files and directories share ``PLAIN_FILE``/``PLAIN_DIR`` (as a directory walk stores
   them; the link audit needs only their kind) unless ``details=True``; symlinks, hard links
-  and devices keep mode, size and owner;
+  and devices keep mode, size and owner, and are the listing's ``notable`` entries (``None``
+  with ``details=True``);
 - a hard link becomes ``EntryKind.HARDLINK`` whose ``target`` is the normalised path of the
   member it names (a link out of the root is skipped and noted);
 - a path given twice: the later member wins and a problem is noted (the spec forbids it);
@@ -130,6 +131,10 @@ class _ListingBuilder:
         self.entries = listing.entries
         self.details = details
         self.counts: dict[str, int] = {}
+        # every entry that is not a shared plain one goes through ``add``: consumers of the
+        # listing look only at these (with ``details`` every entry is its own: none kept)
+        self.notable: dict[bytes, Entry] | None = None if details else {}
+        listing.notable = self.notable
 
     def problem(self, kind: str, message: str) -> None:
         seen = self.counts.get(kind, 0) + 1
@@ -154,6 +159,8 @@ class _ListingBuilder:
         entries = self.entries
         if raw in entries:
             self.duplicate(raw)
+            if self.notable:
+                self.notable.pop(raw, None)
         entries[raw] = entry
 
     def path(self, raw: bytes, kind: EntryKind) -> bytes | None:
@@ -207,7 +214,9 @@ class _ListingBuilder:
             link = target
         if path in self.entries:
             self.duplicate(path)
-        self.entries[path] = Entry(kind, link, mode, size, uid, gid)
+        entry = self.entries[path] = Entry(kind, link, mode, size, uid, gid)
+        if self.notable is not None:
+            self.notable[path] = entry
 
     def finish(self) -> None:
         for kind, count in self.counts.items():

@@ -26,14 +26,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from crifs.check.links import SEVERITY, HardlinkFinding, LinkVerdict, Verdict
 from crifs.fs.listing import LayerListing
 from crifs.report.output import Format, Table
-from crifs.report.values import add_field, escape_text, to_jsonable
+from crifs.report.values import add_field, escape_text, is_exact_text, to_jsonable
 
 SCHEMA = "crifs/links/v1"
 
@@ -123,6 +123,36 @@ def verdict_order() -> list[Verdict]:
 
 
 def link_record(verdict: LinkVerdict) -> dict[str, Any]:
+    if _UTF8_NAMES:
+        # The common case, ~4x faster: every byte field is UTF-8 (so nothing needs an escape
+        # or a ``_b64`` sibling) and each path has its one leading "/"; the record is then
+        # exactly the one built below.
+        try:
+            path = verdict.path.decode()
+            target = verdict.target.decode()
+            resolved = verdict.resolved.decode()
+        except UnicodeDecodeError:
+            pass
+        else:
+            if (
+                _one_leading_slash(path)
+                and _one_leading_slash(resolved)
+                and _exact(verdict.message)
+                and (verdict.fix is None or _exact(verdict.fix))
+            ):
+                name = verdict.verdict.value
+                return {
+                    "path": path,
+                    "target": target,
+                    "verdict": name,
+                    "severity": _SEVERITY_OF[name],
+                    "errno": verdict.errno,
+                    "resolved": resolved,
+                    "layer_added": verdict.layer_added,
+                    "layer_broken": verdict.layer_broken,
+                    "fix": verdict.fix,
+                    "message": verdict.message,
+                }
     out: dict[str, Any] = {}
     add_field(out, "path", rootfs_path(verdict.path))
     add_field(out, "target", os.fsdecode(verdict.target))
@@ -135,6 +165,24 @@ def link_record(verdict: LinkVerdict) -> dict[str, Any]:
     add_field(out, "fix", verdict.fix)
     add_field(out, "message", verdict.message)
     return out
+
+
+# bytes are decoded as UTF-8 (with surrogate escapes) wherever a record is built
+_UTF8_NAMES = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == (
+    "surrogateescape"
+)
+_SEVERITY_OF = {verdict.value: severity for verdict, severity in SEVERITY.items()}
+
+
+def _one_leading_slash(path: str) -> bool:
+    """``rootfs_path`` would give ``path`` back unchanged."""
+    return path[:1] == "/" and path[1:2] != "/"
+
+
+def _exact(text: str) -> bool:
+    """``is_exact_text`` for the messages and fixes a verdict carries: ASCII, or UTF-8
+    without surrogate escapes."""
+    return text.isascii() or is_exact_text(text)
 
 
 def hardlink_record(finding: HardlinkFinding) -> dict[str, Any]:
@@ -194,6 +242,7 @@ def write_links_document(reports: Sequence[TargetReport], fmt: Format, out: Text
         yaml.safe_dump(doc, out, sort_keys=False, allow_unicode=True, width=10**6)
         return
     encode = json.JSONEncoder(ensure_ascii=False).encode
+    encode_record = _record_encoder()
     parts = ['{\n  "schema": ', encode(doc["schema"]), ',\n  "targets": [']
     for n, target in enumerate(doc["targets"]):
         parts.append("\n    {" if n == 0 else ",\n    {")
@@ -201,13 +250,33 @@ def write_links_document(reports: Sequence[TargetReport], fmt: Format, out: Text
         for i, (name, value) in enumerate(items):
             sep = "," if i < len(items) - 1 else ""
             if isinstance(value, list) and value and isinstance(value[0], dict):
-                rows = ",\n        ".join(encode(v) for v in value)
+                rows = ",\n        ".join(map(encode_record, value))
                 parts.append(f"\n      {encode(name)}: [\n        {rows}\n      ]{sep}")
             else:
                 parts.append(f"\n      {encode(name)}: {encode(value)}{sep}")
         parts.append("\n    }")
     parts.append("\n  ]\n}\n" if doc["targets"] else "]\n}\n")
     out.write("".join(parts))
+
+
+def _record_encoder() -> Callable[[Any], str]:
+    """``JSONEncoder(ensure_ascii=False).encode`` for many records: that method builds a new
+    C encoder per call, half the time of encoding 25k short records; this one is built once
+    (CPython's ``json.encoder.c_make_encoder``, with the encoder's own settings), else the
+    method itself."""
+    plain = json.JSONEncoder(ensure_ascii=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return plain.encode
+    try:
+        chunks = make(None, plain.default, json.encoder.encode_basestring, None,
+                      plain.key_separator, plain.item_separator, False, False, True)
+        probe = {"a": [1, None, 2.5, "\u00e9\n"], "b": True}
+        if "".join(chunks(probe, 0)) != plain.encode(probe):
+            return plain.encode
+    except TypeError:  # another CPython's signature
+        return plain.encode
+    return lambda record: "".join(chunks(record, 0))
 
 
 # -- table ---------------------------------------------------------------------------------
