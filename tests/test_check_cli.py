@@ -5,6 +5,7 @@ test_repair*.py)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -132,3 +133,23 @@ def test_demo_shows_check_and_repair(tmp_path, capsys):
     assert code == 0, err
     assert "crifs --root" in out and "check --repair" in out
     assert "after repair" in out
+
+
+def test_non_utf8_orphan_is_reported_exactly_and_removed_without_following_links(
+        sandbox, tmp_path, capsys):
+    sentinel = tmp_path / "host-file"
+    sentinel.write_bytes(b"keep me\n")
+    orphan = os.fsencode(sandbox["cstorage"] / "overlay") + b"/bad\xffname"
+    os.makedirs(orphan + b"/diff")
+    with open(orphan + b"/diff/f\xfe", "wb") as f:
+        f.write(b"x" * 5000)
+    os.symlink(os.fsencode(sentinel), orphan + b"/diff/to-host")
+    code, out, err = run(capsys, *cst(sandbox), "check", "--only", "S6", "-o", "json")
+    found = {f["object"]: f for f in json.loads(out)["findings"]}
+    bad = found["bad\\xffname"]
+    assert base64.b64decode(bad["object_b64"]) == b"bad\xffname"
+    assert base64.b64decode(bad["path_b64"]) == orphan
+    code, out, err = run(capsys, *cst(sandbox), "gc", "--apply", "--only", "S6")
+    assert code == 0, out + err
+    assert not os.path.lexists(orphan)
+    assert sentinel.read_bytes() == b"keep me\n"
