@@ -38,23 +38,25 @@ import contextlib
 import dataclasses
 import os
 import shlex
-import sqlite3
 import stat
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from crifs.containerd import schema
 from crifs.containerd.bolt import Bucket, open_bolt
-from crifs.containerd.store import ContainerdStore
-from crifs.cstorage.store import CStorageStore
 from crifs.errors import CrifsError
 from crifs.fs.dtype import records_d_type
 from crifs.fs.mounts import fs_type
 from crifs.fs.usage import Meter
 from crifs.fsck.catalogue import severity_of
 from crifs.fsck.findings import CheckOptions, Finding, Repair, Severity, reclaimable_of
-from crifs.model import Store
+from crifs.model import CONTAINERD, CSTORAGE, Store
+
+if TYPE_CHECKING:
+    from crifs.containerd.store import ContainerdStore
+    from crifs.cstorage.store import CStorageStore
 
 CONTAINERD_ROOT_MODE = 0o711
 CONTAINERD_STATE_MODE = 0o711
@@ -77,10 +79,11 @@ LIBPOD_SQLITE = "db.sql"  # podman >= 4.8 with database_backend = "sqlite"
 
 def findings(store: Store, opts: CheckOptions, meter: Meter) -> list[Finding]:
     """R1, R2 and R3 findings of a ``ContainerdStore`` or a ``CStorageStore``."""
-    if isinstance(store, ContainerdStore):
-        return _containerd(store, opts, meter)
-    if isinstance(store, CStorageStore):
-        return _cstorage(store)
+    # By runtime name, not isinstance: checking one runtime's store must not import the other.
+    if store.runtime == CONTAINERD:
+        return _containerd(cast("ContainerdStore", store), opts, meter)
+    if store.runtime == CSTORAGE:
+        return _cstorage(cast("CStorageStore", store))
     return []
 
 
@@ -551,6 +554,8 @@ def _bolt_paths(db_path: str) -> dict[str, str] | None:
 
 
 def _sqlite_paths(db_path: str) -> dict[str, str] | None:
+    import sqlite3  # only for a podman whose libpod state is sqlite
+
     # immutable=1: no lock, no -shm/-wal files created next to podman's database.
     uri = f"file:{urllib.parse.quote(os.path.abspath(db_path))}?mode=ro&immutable=1"
     try:
