@@ -377,8 +377,19 @@ def _lower_chains(survey: _Survey, opts: CheckOptions, meter: Meter) -> list[Fin
     paths, graph = survey.paths, survey.graph
     planned_owner = {name: lid for lid, name in survey.planned.items()}
     resolved: dict[str, tuple[str | None, str | None]] = {}  # an entry recurs in every child
+    healthy: dict[str, str | None] = {}
     for layer_id in survey.layers:
         chain, missing_parent = graph.ancestors(layer_id)
+        if missing_parent is None and 0 < len(chain) <= MAX_DEPTH:
+            # Most layers are healthy: one string compare instead of resolving every entry.
+            try:
+                text = read_driver_file(paths.layer_lower_file(layer_id))
+            except CrifsError:
+                text = None  # _check_lower reports it
+            if (text is not None and not os.path.lexists(
+                    paths.layer_lower_layers_file(layer_id))
+                    and text.strip() == _healthy_lower(survey, chain, healthy)):
+                continue
         problems, source, by_ids = _check_lower(survey, layer_id, chain, missing_parent,
                                                 planned_owner, resolved)
         if not problems:
@@ -387,6 +398,25 @@ def _lower_chains(survey: _Survey, opts: CheckOptions, meter: Meter) -> list[Fin
                                   problems, source or paths.layer_lower_file(layer_id),
                                   by_ids))
     return out
+
+
+def _healthy_lower(survey: _Survey, chain: list[str], memo: dict[str, str | None]
+                   ) -> str | None:
+    """The exact ``lower`` text of a layer whose parent chain is ``chain`` when every
+    ancestor's link is valid (``None`` when one is not). Memoised per parent: ``memo[p]`` is
+    the text of any child of ``p``, built from the base up, iteratively (chains may be deep)."""
+    if chain[0] in memo:
+        return memo[chain[0]]
+    known = next((i for i, lid in enumerate(chain) if lid in memo), len(chain))
+    below: str | None = memo[chain[known]] if known < len(chain) else ""
+    for lid in reversed(chain[:known]):
+        name = survey.link_text.get(lid)
+        valid = (name is not None and lid not in survey.link_problem
+                 and survey.valid_for(name) == lid)
+        text = None if below is None or not valid else (
+            f"l/{name}:{below}" if below else f"l/{name}")
+        memo[lid] = below = text
+    return memo[chain[0]]
 
 
 def _check_lower(survey: _Survey, layer_id: str, chain: list[str], missing_parent: str | None,
