@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from crifs.containerd import schema
-from crifs.containerd.bolt import Bucket, open_bolt
 from crifs.errors import CrifsError
 from crifs.fs.dtype import records_d_type
 from crifs.fs.mounts import fs_type
@@ -541,6 +540,8 @@ def _libpod_mismatch(store: CStorageStore) -> Finding | None:
 
 
 def _bolt_paths(db_path: str) -> dict[str, str] | None:
+    from crifs.containerd.bolt import Bucket, open_bolt  # podman's libpod state is bbolt too
+
     try:
         db = open_bolt(db_path)
     except CrifsError:

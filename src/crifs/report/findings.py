@@ -10,7 +10,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from crifs.containerd.snapshot_index import is_gc_trigger
 from crifs.fsck.findings import Finding, Reclaimable
 from crifs.fsck.run import Summary
 from crifs.model import CONTAINERD, Store
@@ -82,6 +81,9 @@ def _live_lines(f: Finding, size: str) -> list[str]:
                     f"{action_text(f.repair.actions[0])}{size}"]
         return [f"{f.code:<4} run: {escape_text(c)}" for c in f.repair.commands] or \
             [f"{f.code:<4} {escape_text(f.repair.summary)}"]
+    # Imported here: a containers/storage check must not load containerd's readers.
+    from crifs.containerd.snapshot_index import is_gc_trigger
+
     lines = [f"{f.code:<4} api: {call_text(c)}" for c in f.repair.calls if not is_gc_trigger(c)]
     if len(lines) < len(f.repair.calls):
         lines.append(f"{f.code:<4} containerd's GC collects {escape_text(f.path or f.object)}")
