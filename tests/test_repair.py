@@ -63,7 +63,7 @@ def finding(code: str, obj: str, *actions: Action, order: int = 0,
 
 
 def run_apply(store: Store, planned: list[Finding],
-              **kwargs: float) -> tuple[ApplyResult, list[str]]:
+              lock_timeout: float = 10.0) -> tuple[ApplyResult, list[str]]:
     lines: list[str] = []
 
     def again() -> Store:
@@ -73,7 +73,7 @@ def run_apply(store: Store, planned: list[Finding],
         return ContainerdStore.open(root=store.root)
 
     result = apply(store, planned, reopen=again, check=lambda _: list(planned),
-                   log=lines.append, **kwargs)
+                   log=lines.append, lock_timeout=lock_timeout)
     return result, lines
 
 
@@ -345,6 +345,35 @@ def test_layers_in_use_and_canonical_links_are_refused(cstore: Podman) -> None:
     assert os.readlink(store.paths.link(link)).endswith(f"{layer}/diff")
     assert not os.path.lexists(store.paths.link("NEWLINK"))
     assert layer in {str(x["id"]) for x in json.loads(Path(store.paths.layers_json).read_text())}
+
+
+def test_layer_deletes_share_two_saves_and_keep_what_is_still_used(cstore: Podman) -> None:
+    store = open_cstore(cstore)
+    layers_json = Path(store.paths.layers_json)
+    base_layer = str(image_record(cstore, BASE)["layer"])
+    parent, child, kept_parent, kept_child = (c * 64 for c in "abcd")
+    records = json.loads(layers_json.read_text())
+    records += [{"id": parent}, {"id": child, "parent": parent}, {"id": kept_parent},
+                {"id": kept_child, "parent": kept_parent}]
+    layers_json.write_text(json.dumps(records))
+    planned = [finding("S11", child, DeleteLayer(child), order=-1),
+               finding("S11", parent, DeleteLayer(parent)),
+               finding("S11", kept_parent, DeleteLayer(kept_parent)),  # its child stays
+               finding("S11", base_layer, DeleteLayer(base_layer))]  # an image's top layer
+    result, lines = run_apply(open_cstore(cstore), planned)
+    assert sorted(f.object for f in result.applied) == sorted([child, parent])
+    reasons = {f.object: why for f, why in result.failed}
+    assert f"layer {kept_child} is its child" in reasons[kept_parent]
+    assert "top layer of image" in reasons[base_layer]
+    assert any(line.startswith("flagged 2 layers incomplete (1 record file save)")
+               for line in lines), lines
+    assert any(line.startswith("dropped 2 layer records (1 record file save)")
+               for line in lines), lines
+    after = {str(x["id"]): x for x in json.loads(layers_json.read_text())}
+    assert parent not in after and child not in after
+    for layer in (kept_parent, kept_child, base_layer):
+        assert not after[layer].get("flags"), after[layer]
+    assert cstore.run("run", "--rm", BASE, "/bin/cat", "/etc/marker").strip() == "ok"
 
 
 def test_file_actions_and_findings_gone_under_the_lock(cstore: Podman) -> None:

@@ -393,6 +393,13 @@ def test_kill_at_every_step_then_rerun_finishes(planted: tuple[Podman, Planted, 
         assert status == -signal.SIGKILL, f"driver failed at step {step} (status {status})"
         kills += 1
         assert (podman.root / ".crifs" / "journal.jsonl").exists()
+        if step == 1:  # the layer record saves are batched: one step flags all, one drops all
+            plan = json.loads((podman.root / ".crifs" / "journal.jsonl").read_text()
+                              .splitlines()[0])
+            batched = {s["op"]: {str(x[0]) for x in s["layers"]} for s in plan["steps"]
+                       if s["op"] in ("layers_mark", "layers_drop")}
+            assert batched == dict.fromkeys(("layers_mark", "layers_drop"),
+                                            set(info.garbage_layers)), batched
         assert_podman_loads(podman)
         assert run_forked(podman, kill_at=None, report=report) == 0
         result = json.loads(report.read_text())
@@ -401,6 +408,7 @@ def test_kill_at_every_step_then_rerun_finishes(planted: tuple[Podman, Planted, 
         # Running every image after every kill would double the time: every 3rd kill.
         assert_repaired(podman, info, before, garbage_bytes, pristine_payload,
                         run_images=step % 3 == 1)
+    # 4 deleted layers: 1 batched mark + 4 x 4 removals + 1 batched drop, plus the others.
     assert kills >= 20, f"only {kills} steps in the plan"
     print(f"killed at {kills} steps, re-ran each to completion")
 

@@ -10,15 +10,17 @@ Records of one run, in order::
 
     {"rec": "plan", "run": ID, "steps": [{"n": 1, "group": 0, "op": "remove", ...}, ...],
      "groups": [{"finding": {identity}, "summary": "..."}, ...]}
+    (a batched step serves several findings: "groups": [0, 3, ...] beside "group": 0)
     {"rec": "begin", "run": ID, "n": 1}      before step 1 touches anything
     {"rec": "done",  "run": ID, "n": 1}      after step 1 is durable
     {"rec": "abandon", "run": ID, "group": 0, "why": "..."}   a group stopped on an error
     {"rec": "end", "run": ID}
 
 Contract: a run with a plan but no ``end`` is unfinished. Its groups with at least one begun
-step are completed by the next run before anything else (every step is idempotent, and each
-re-checks its own preconditions); groups that had not started are dropped, since the next run
-re-checks the store and plans afresh. A torn last line (power loss) is ignored.
+step (beginning a batched step starts all its groups) are completed by the next run before
+anything else (every step is idempotent, and each re-checks its own preconditions); groups
+that had not started are dropped, since the next run re-checks the store and plans afresh. A
+torn last line (power loss) is ignored.
 
 Fault injection for tests: with ``CRIFS_KILL_AT_STEP=N`` in the environment the process
 SIGKILLs itself right after the N-th step it begins (counted per process) is durable in the
@@ -45,7 +47,17 @@ KILL_ENV = "CRIFS_KILL_AT_STEP"
 
 Step = dict[str, Any]
 """One primitive step: ``n`` (1-based, within its run), ``group`` (index of the finding it
-belongs to), ``op`` and the op's arguments."""
+belongs to; a batched step also has ``groups``, every finding it serves), ``op`` and the op's
+arguments."""
+
+
+def step_groups(step: Mapping[str, Any]) -> list[int]:
+    """The groups (findings) a step serves: ``groups`` of a batched step, else ``[group]``."""
+    groups = step.get("groups")
+    if isinstance(groups, list) and groups:
+        return [int(g) for g in groups]
+    return [int(step["group"])]
+
 
 _begun = [0, 0]  # [pid, steps begun by it]: a forked child counts from zero
 
@@ -71,12 +83,16 @@ class Unfinished:
     done: set[int] = field(default_factory=set)
     abandoned: set[int] = field(default_factory=set)
 
+    def started(self) -> set[int]:
+        """Groups with at least one begun step."""
+        return {g for s in self.steps if s["n"] in self.begun for g in step_groups(s)}
+
     def remaining(self) -> list[Step]:
-        """Steps still to run: those of started, not abandoned groups not yet done."""
-        started = {s["group"] for s in self.steps if s["n"] in self.begun}
+        """Steps still to run, in plan order: those not yet done that serve at least one
+        started, not abandoned group."""
+        live = self.started() - self.abandoned
         return [s for s in self.steps
-                if s["group"] in started and s["group"] not in self.abandoned
-                and s["n"] not in self.done]
+                if s["n"] not in self.done and any(g in live for g in step_groups(s))]
 
 
 class Journal:
