@@ -37,7 +37,7 @@ from crifs.fsck.findings import Finding
 from crifs.model import Store
 from crifs.repair import fsops
 from crifs.repair.cstorage_exec import CStorageExecutor
-from crifs.repair.executor import Executor, Gone
+from crifs.repair.executor import Executor, Gone, label, still_found
 from crifs.repair.journal import Journal, Step, step_groups
 from crifs.repair.locks import ContainerdWriteLocks
 
@@ -88,17 +88,9 @@ def apply(store: Store, planned: Sequence[Finding], *, reopen: Callable[[], Stor
             _resume(journal, executor, log, result)
             found = {f.identity for f in check(reopen())}
             executor.verify_locks()
-            chosen: list[tuple[int, int, Finding]] = []
-            for index, finding in enumerate(planned):
-                if finding.repair is None or not finding.repair.actions:
-                    continue
-                if finding.identity not in found:
-                    result.gone.append(finding)
-                    log(f"{_label(finding)}: no longer found; nothing to do")
-                    continue
-                chosen.append((finding.repair.order, index, finding))
-            chosen.sort(key=lambda c: (c[0], c[1]))
-            _execute(journal, executor, [f for _, _, f in chosen], log, result)
+            chosen = still_found(planned, found, lambda f: bool(f.repair and f.repair.actions),
+                                 log, result.gone)
+            _execute(journal, executor, chosen, log, result)
             journal.clear()
         finally:
             journal.close()
@@ -116,7 +108,7 @@ def _execute(journal: Journal, executor: Executor, findings: Sequence[Finding], 
             steps = executor.expand(finding.repair.actions)
         except (CrifsError, OSError) as err:
             result.failed.append((finding, _message(err)))
-            log(f"{_label(finding)}: not repaired: {_message(err)}")
+            log(f"{label(finding)}: not repaired: {_message(err)}")
             continue
         for step in steps:
             step["group"] = len(groups)
@@ -129,7 +121,7 @@ def _execute(journal: Journal, executor: Executor, findings: Sequence[Finding], 
         journal.prepare()
         journal.start(plan, [_identity(f) for f in groups])
     stopped: dict[int, tuple[bool, str]] = {}
-    _run_steps(journal, executor, plan, lambda g: _label(groups[g]), log, result, stopped)
+    _run_steps(journal, executor, plan, lambda g: label(groups[g]), log, result, stopped)
     for group, finding in enumerate(groups):
         if group not in stopped:
             result.applied.append(finding)
@@ -186,7 +178,7 @@ def _run_steps(journal: Journal, executor: Executor, steps: Sequence[Step],
         live = [g for g in step_groups(step) if g not in stopped]
         if not live:
             continue
-        label = label_of(live[0]) + (f" and {len(live) - 1} more" if len(live) > 1 else "")
+        named = label_of(live[0]) + (f" and {len(live) - 1} more" if len(live) > 1 else "")
         journal.begin(step)
         try:
             if "groups" in step:
@@ -201,14 +193,14 @@ def _run_steps(journal: Journal, executor: Executor, steps: Sequence[Step],
             # A bug: abandon the groups so a re-run does not hit it again and again.
             for group in live:
                 journal.abandon(group, repr(err))
-            raise Internal(f"step {step.get('n')} ({step.get('op')}) of {label}: "
+            raise Internal(f"step {step.get('n')} ({step.get('op')}) of {named}: "
                            f"{err!r}") from err
         for group, why in partly.items():
             stop(group, why)
         journal.done(step)
         finished += 1
         result.freed = result.freed + freed
-        log(f"{line} ({label}{_size(freed)})")
+        log(f"{line} ({named}{_size(freed)})")
     return finished
 
 
@@ -249,9 +241,6 @@ def _identity(finding: Finding) -> dict[str, Any]:
     return {"code": finding.code, "runtime": finding.runtime, "namespace": finding.namespace,
             "object": finding.object}
 
-
-def _label(finding: Finding) -> str:
-    return f"{finding.code} {finding.object}"
 
 
 def _group_label(groups: Sequence[Mapping[str, Any]], group: int) -> str:

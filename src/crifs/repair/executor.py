@@ -10,12 +10,37 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from crifs.errors import CrifsError
+from crifs.fsck.findings import Finding
 from crifs.repair import fsops
 from crifs.repair.actions import Action, CreateSymlink, MakeDir, RemovePath, WriteFile
 from crifs.repair.journal import Journal, Step
+
+
+def label(finding: Finding) -> str:
+    """How a log line names a finding."""
+    return f"{finding.code} {finding.object}"
+
+
+def still_found(planned: Sequence[Finding], found: Collection[tuple[object, ...]],
+                has_work: Callable[[Finding], bool], log: Callable[[str], None],
+                gone: list[Finding]) -> list[Finding]:
+    """The planned findings with work to do that a re-check (``found``: identities) still
+    finds, by ``repair.order`` then plan order; the others with work are logged and added to
+    ``gone``."""
+    chosen: list[tuple[int, int, Finding]] = []
+    for index, finding in enumerate(planned):
+        if finding.repair is None or not has_work(finding):
+            continue
+        if finding.identity not in found:
+            gone.append(finding)
+            log(f"{label(finding)}: no longer found; nothing to do")
+            continue
+        chosen.append((finding.repair.order, index, finding))
+    chosen.sort(key=lambda c: (c[0], c[1]))
+    return [f for _, _, f in chosen]
 
 
 class Gone(CrifsError):

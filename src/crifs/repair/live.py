@@ -36,6 +36,7 @@ from crifs.fs.locks import lock_holders
 from crifs.fsck.findings import Finding
 from crifs.repair import fsops
 from crifs.repair.actions import ApiCall
+from crifs.repair.executor import label, still_found
 from crifs.repair.locks import ContainerdWriteLocks, describe_holders
 
 if TYPE_CHECKING:
@@ -134,31 +135,23 @@ def apply_live(client: ContainerdClient, planned: Sequence[Finding], *,
     store = reopen()
     assert isinstance(store, ContainerdStore)
     found = {f.identity for f in check(store)}
-    chosen: list[tuple[int, int, Finding]] = []
-    for index, finding in enumerate(planned):
-        if finding.repair is None or not finding.repair.calls:
-            continue
-        if finding.identity not in found:
-            result.gone.append(finding)
-            log(f"{_label(finding)}: no longer found; nothing to do")
-            continue
-        chosen.append((finding.repair.order, index, finding))
+    chosen = still_found(planned, found, lambda f: bool(f.repair and f.repair.calls), log,
+                         result.gone)
     if not chosen:
         return
-    chosen.sort(key=lambda c: (c[0], c[1]))
     log(f"containerd is running: repairing through its API at {client.target}")
     guard = _MountGuard(store)
     triggers: dict[ApiCall, None] = {}
     waiting: list[Finding] = []  # done once containerd's GC has run
     made = 0
-    for _, _, finding in chosen:
+    for finding in chosen:
         assert finding.repair is not None
         own = [c for c in finding.repair.calls if not is_gc_trigger(c)]
-        error = _run_calls(client, own, guard, _label(finding), log)
+        error = _run_calls(client, own, guard, label(finding), log)
         made += len(own)
         if error is not None:
             result.failed.append((finding, str(error)))
-            log(f"{_label(finding)}: failed: {error}")
+            log(f"{label(finding)}: failed: {error}")
             if isinstance(error, DaemonUnavailable):
                 result.failed += [(f, str(error)) for f in waiting]
                 _fail_rest(chosen, finding, str(error), result)
@@ -181,20 +174,19 @@ def apply_live(client: ContainerdClient, planned: Sequence[Finding], *,
         result.applied += waiting
 
 
-def _gc_pass(triggers: list[ApiCall], chosen: Sequence[tuple[int, int, Finding]]
-             ) -> list[ApiCall]:
+def _gc_pass(triggers: list[ApiCall], chosen: Sequence[Finding]) -> list[ApiCall]:
     """The trigger calls (snapshot and blob ones first, each once), then one synchronous GC."""
     marks = [c for c in triggers if c.service != "leases"]
     namespace = next((c.namespace for c in triggers if c.service == "leases"), None)
     if namespace is None:
-        first = chosen[0][2].repair
+        first = chosen[0].repair
         namespace = first.calls[0].namespace if first is not None and first.calls else "default"
     return [*marks, api_call("leases", "Create", namespace, id=GC_TRIGGER),
             api_call("leases", "Delete", namespace, id=GC_TRIGGER, sync="true")]
 
 
 def _run_calls(client: ContainerdClient, calls: Sequence[ApiCall], guard: _MountGuard,
-               label: str, log: Log) -> CrifsError | None:
+               name: str, log: Log) -> CrifsError | None:
     """Make ``calls`` in order; the first error, or ``None``."""
     for call in calls:
         try:
@@ -202,14 +194,14 @@ def _run_calls(client: ContainerdClient, calls: Sequence[ApiCall], guard: _Mount
             line = client.run(call)
         except CrifsError as err:
             return err
-        log(f"{line} ({label})")
+        log(f"{line} ({name})")
     return None
 
 
-def _fail_rest(chosen: Sequence[tuple[int, int, Finding]], failed: Finding, error: str,
+def _fail_rest(chosen: Sequence[Finding], failed: Finding, error: str,
                result: ApplyResult) -> None:
     after = False
-    for _, _, finding in chosen:
+    for finding in chosen:
         if after:
             result.failed.append((finding, error))
         after = after or finding is failed
@@ -242,5 +234,3 @@ class _MountGuard:
                                 f"{reason}")
 
 
-def _label(finding: Finding) -> str:
-    return f"{finding.code} {finding.object}"
