@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from crifs.containerd.content import IngestDir
@@ -33,11 +32,8 @@ from crifs.containerd.reachability import (
     snapshot_node,
 )
 from crifs.containerd.snapshot_index import (
-    CtrOp,
     MetaKey,
     SnapshotIndex,
-    calls_of,
-    commands_of,
     content_gc_calls,
     content_remove,
     gc_trigger_ops,
@@ -46,9 +42,9 @@ from crifs.containerd.snapshot_index import (
     trigger_namespace,
 )
 from crifs.fs.usage import Meter
-from crifs.fsck.catalogue import severity_of
+from crifs.fsck.containerd_snapshots import containerd_finding, ctr_repair
 from crifs.fsck.findings import CheckOptions, Finding, Reclaimable, Repair, reclaimable_of
-from crifs.model import CONTAINERD, SnapshotKind
+from crifs.model import SnapshotKind
 from crifs.repair.actions import ApiCall, RemovePath
 
 if TYPE_CHECKING:
@@ -71,18 +67,6 @@ def findings(store: ContainerdStore, opts: CheckOptions, meter: Meter) -> list[F
         *check.orphan_blob_files(),
         *check.orphan_ingest_dirs(),
     ]
-
-
-def _finding(code: str, obj: str, message: str, *, path: str | None = None,
-             namespace: str | None = None, reclaimable: Reclaimable | None = None,
-             repair: Repair | None = None, evidence: Mapping[str, object] | None = None) -> Finding:
-    return Finding(code, severity_of(code), CONTAINERD, obj, message, path, namespace,
-                   reclaimable, repair, evidence or {})
-
-
-def _repair(summary: str, ops: list[CtrOp], *, gc: bool = False, order: int = 0) -> Repair:
-    """A repair made of ``ctr`` commands, with the API calls that do the same."""
-    return Repair(summary, commands=commands_of(ops), gc=gc, order=order, calls=calls_of(ops))
 
 
 def _when(moment: dt.datetime | None) -> str | None:
@@ -121,14 +105,14 @@ class _Check:
                 continue
             lease = state.record
             snapshots = [f"{ss}/{key}" for ss, key in lease.snapshots]
-            out.append(_finding(
+            out.append(containerd_finding(
                 "C7", lease.id,
                 f"lease {lease.id} expired at {_when(state.expires)} but containerd's GC has "
                 f"not run since: it still lists {len(snapshots)} snapshot(s), "
                 f"{len(lease.content)} blob(s) and {len(lease.ingests)} ingest(s), which GC "
                 "frees with it unless something else holds them",
                 namespace=lease.namespace,
-                repair=_repair("remove the lease and let GC collect what only it held",
+                repair=ctr_repair("remove the lease and let GC collect what only it held",
                                [lease_remove(lease.namespace, lease.id, sync=True)], gc=True),
                 evidence={"expires": _when(state.expires), "created": _when(lease.created),
                           "snapshots": snapshots[:_LISTED],
@@ -172,10 +156,10 @@ class _Check:
         else:
             message = (f"{kind} snapshot {user_key} is reachable from no image, container, "
                        f"live lease or gc.root label: {gc_note}")
-        return _finding(
+        return containerd_finding(
             "C7", user_key, message, path=path, namespace=ns,
             reclaimable=self.measure(path) if path is not None else None,
-            repair=_repair("remove it (children first), as GC would",
+            repair=ctr_repair("remove it (children first), as GC would",
                            removal_ops(self.index, key), gc=True, order=-self.index.depth(key)),
             evidence=evidence)
 
@@ -212,13 +196,13 @@ class _Check:
         evidence: dict[str, object] = {"size": blob.size, "file_kept_by": sorted(set(kept_by))}
         if expired:
             evidence["expired_leases"] = [x.record.id for x in expired]
-        return _finding(
+        return containerd_finding(
             "C8", blob.digest,
             f"blob {blob.digest} in namespace {blob.namespace} is referenced by no image, "
             f"container, live lease, gc.root label or gc.ref label{held}: containerd's GC "
             f"deletes {fate}",
             path=path, namespace=blob.namespace, reclaimable=reclaimable,
-            repair=_repair("remove the blob record, as GC would",
+            repair=ctr_repair("remove the blob record, as GC would",
                            [content_remove(blob.namespace, blob.digest)], gc=True),
             evidence=evidence)
 
@@ -244,13 +228,13 @@ class _Check:
         else:
             why = "it has no expiry and no lease holds it (its lease was removed)"
         path = directory.path if directory is not None else None
-        return _finding(
+        return containerd_finding(
             "C8", ingest.ref,
             f"unfinished write {ingest.ref} in namespace {ingest.namespace} is garbage: {why}; "
             "containerd's GC drops it and aborts its ingest directory on its next run",
             path=path, namespace=ingest.namespace,
             reclaimable=self.measure(path) if path is not None else None,
-            repair=_repair("run containerd's GC, which aborts unreferenced writes",
+            repair=ctr_repair("run containerd's GC, which aborts unreferenced writes",
                            gc_trigger_ops(ingest.namespace), gc=True),
             evidence={"backend_ref": ingest.backend_ref, "expire_at": _when(ingest.expire_at),
                       "checked_at": _when(now), "expected": ingest.expected,
@@ -268,7 +252,7 @@ class _Check:
                 continue
             path = content.blob_path(digest)
             assert path is not None
-            out.append(_finding(
+            out.append(containerd_finding(
                 "C8", digest,
                 f"blob file {digest} is named by no namespace's meta.db: left by a content or "
                 "image removal whose content GC pass has not run, or by a crash after the write",
@@ -293,7 +277,7 @@ class _Check:
                 message = (f"ingest directory {name} holds an unfinished write ({directory.ref}) "
                            "that no namespace's meta.db lists: containerd aborts it on its next "
                            "content GC pass")
-            out.append(_finding(
+            out.append(containerd_finding(
                 "C8", f"ingest/{name}", message, path=directory.path,
                 reclaimable=self.measure(directory.path),
                 repair=Repair("remove the ingest directory (what containerd's Abort does)",

@@ -80,14 +80,17 @@ def findings(store: ContainerdStore, opts: CheckOptions, meter: Meter) -> list[F
     return out
 
 
-def _finding(code: str, obj: str, message: str, *, path: str | None = None,
-             namespace: str | None = None, reclaimable: Reclaimable | None = None,
-             repair: Repair | None = None, evidence: Mapping[str, object] | None = None) -> Finding:
+def containerd_finding(code: str, obj: str, message: str, *, path: str | None = None,
+                       namespace: str | None = None, reclaimable: Reclaimable | None = None,
+                       repair: Repair | None = None, evidence: Mapping[str, object] | None = None
+                       ) -> Finding:
+    """A containerd finding of class ``code``, with the class's severity (also used by
+    ``containerd_gc``)."""
     return Finding(code, severity_of(code), CONTAINERD, obj, message, path, namespace,
                    reclaimable, repair, evidence or {})
 
 
-def _repair(summary: str, ops: list[CtrOp], *, gc: bool = False, order: int = 0) -> Repair:
+def ctr_repair(summary: str, ops: list[CtrOp], *, gc: bool = False, order: int = 0) -> Repair:
     """A repair made of ``ctr`` commands, with the API calls that do the same."""
     return Repair(summary, commands=commands_of(ops), gc=gc, order=order, calls=calls_of(ops))
 
@@ -190,7 +193,7 @@ class _Check:
             else:
                 repair = Repair("remove the orphan directory (what containerd's Cleanup does)",
                                 actions=(RemovePath(entry.path),), gc=True, calls=cleanup)
-            out.append(_finding("C1", name, message, path=entry.path,
+            out.append(containerd_finding("C1", name, message, path=entry.path,
                                 reclaimable=self.measure(entry.path), repair=repair,
                                 evidence=evidence))
         return out
@@ -213,16 +216,16 @@ class _Check:
             obj, namespace = self.object_of(db, record)
             named = self.named(db, record)
             if named is not None:
-                repair = _repair(
+                repair = ctr_repair(
                     "remove the snapshot (children first); pull or import its image again "
                     "if it was an image layer", removal_ops(self.index, named))
             else:
-                repair = _repair(
+                repair = ctr_repair(
                     "no meta.db record names it: GC prunes it after a snapshot removal marks "
                     "the snapshotter dirty",
                     gc_trigger_ops(namespace or trigger_namespace(self.store, db.name),
                                    db.name), gc=True)
-            out.append(_finding(
+            out.append(containerd_finding(
                 "C2", obj,
                 f"{record.kind} snapshot {obj} ({db.name} id {record.id}) has no directory "
                 f"{missing}: its files are gone, so mounting it fails",
@@ -255,13 +258,13 @@ class _Check:
                                 f"{used_below[0]}")
                 reclaimable = None
             else:
-                repair = _repair(
+                repair = ctr_repair(
                     "GC prunes it (and Cleanup removes its directory) after a snapshot removal "
                     "marks the snapshotter dirty",
                     gc_trigger_ops(namespace or trigger_namespace(self.store, db.name),
                                    db.name), gc=True, order=-backend_depth(db, record))
                 reclaimable = self.measure(path) if path is not None else None
-            out.append(_finding("C3", record.key, message, path=path, namespace=namespace,
+            out.append(containerd_finding("C3", record.key, message, path=path, namespace=namespace,
                                 reclaimable=reclaimable, repair=repair, evidence=evidence))
         return out
 
@@ -272,13 +275,13 @@ class _Check:
         for key, record in sorted(self.index.records.items()):
             if key[1] != db.name or (record.name and record.name in db.records):
                 continue
-            out.append(_finding(
+            out.append(containerd_finding(
                 "C4", record.key,
                 f"snapshot {record.key} is in meta.db but {db.name} has no record "
                 f"{record.name or '(no name)'}: ctr snapshots ls skips it, it cannot be "
                 "mounted, and no new snapshot can take its key ('already exists')",
                 namespace=record.namespace,
-                repair=_repair("remove the record (children first)",
+                repair=ctr_repair("remove the record (children first)",
                                removal_ops(self.index, key)),
                 evidence={"snapshotter": db.name, "backend_key": record.name,
                           "parent": record.parent}))
@@ -295,7 +298,7 @@ class _Check:
                 if not backend.parent or backend.parent in db.records:
                     continue
                 obj, namespace = self.object_of(db, backend)
-                by_object[(namespace, obj)] = _finding(
+                by_object[(namespace, obj)] = containerd_finding(
                     "C5", obj,
                     f"{db.name} record {backend.key} names parent {backend.parent}, which has "
                     "no record: it cannot be mounted, and GC can never prune it (the "
@@ -315,13 +318,13 @@ class _Check:
             ops = [snapshot_prepare(ns, ss, record.parent),
                    *removal_ops(self.index, key),
                    snapshot_remove(ns, ss, record.parent)]
-            by_object[(ns, user_key)] = _finding(
+            by_object[(ns, user_key)] = containerd_finding(
                 "C5", user_key,
                 f"snapshot {user_key} names parent {record.parent}, which does not exist in "
                 f"namespace {ns}: it cannot be mounted, and ctr snapshots rm fails ('parent "
                 "snapshot does not exist')",
                 namespace=ns,
-                repair=_repair("recreate the missing parent as an empty snapshot so containerd "
+                repair=ctr_repair("recreate the missing parent as an empty snapshot so containerd "
                                "can remove the child, then remove both", ops),
                 evidence={"snapshotter": ss, "database": "meta.db",
                           "missing_parent": record.parent})
@@ -348,9 +351,9 @@ class _Check:
             if moved:
                 summary += ("; children that now exist under another parent cannot be unlinked "
                             "through the API")
-            out[(ns, parent)] = _finding(
+            out[(ns, parent)] = containerd_finding(
                 "C6", parent, message, namespace=ns,
-                repair=_repair(summary, ops, order=UNBLOCKING),
+                repair=ctr_repair(summary, ops, order=UNBLOCKING),
                 evidence={"snapshotter": ss, "database": "meta.db", "missing_children": gone,
                           "reparented_children": moved})
         for name in self.store.snapshotter_names:
@@ -368,11 +371,11 @@ class _Check:
                             "stale_parents_entries": stale}
                 if existing is not None:
                     merged = {**existing.evidence, "metadata_db": evidence}
-                    out[(namespace, obj)] = _finding(
+                    out[(namespace, obj)] = containerd_finding(
                         "C6", obj, f"{existing.message}; {message}", namespace=namespace,
                         repair=existing.repair, evidence=merged)
                     continue
-                out[(namespace, obj)] = _finding(
+                out[(namespace, obj)] = containerd_finding(
                     "C6", obj, message, namespace=namespace,
                     repair=Repair("needs an offline metadata.db repair, which crifs does not "
                                   "make"),
@@ -442,11 +445,11 @@ class _Check:
             evidence["gc_root"] = record.labels[LABEL_ROOT]
         if record.created is not None:
             evidence["created"] = record.created.isoformat()
-        return _finding(
+        return containerd_finding(
             "C9", user_key,
             f"active snapshot {user_key} is used by no container and {why}",
             path=path, namespace=ns,
             reclaimable=self.measure(path) if path is not None else None,
-            repair=_repair("remove it if nothing outside containerd still uses it",
+            repair=ctr_repair("remove it if nothing outside containerd still uses it",
                            [snapshot_remove(ns, ss, user_key)]),
             evidence=evidence)
