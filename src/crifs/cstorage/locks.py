@@ -27,14 +27,14 @@ import errno
 import fcntl
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from crifs.errors import StoreLocked
 from crifs.fs.locks import lock_holders
 
 DEFAULT_TIMEOUT_S = 10.0
 _POLL_INTERVAL_S = 0.02
-_BUSY_ERRNOS = frozenset({errno.EAGAIN, errno.EACCES})
+_BUSY_ERRNOS = frozenset({errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK})
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ def read_locks(lock_paths: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S
     """
     opened = [(path, fd) for path in lock_paths if (fd := _open_lock_file(path)) is not None]
     try:
-        locked = _lock_all(opened, timeout)
+        locked = lock_all(opened, timeout)
         try:
             yield [path for path, _ in locked]
         finally:
@@ -67,19 +67,28 @@ def _open_lock_file(path: str) -> int | None:
         return None
 
 
-def _lock_all(opened: list[tuple[str, int]], timeout: float) -> list[tuple[str, int]]:
+def lock_all(opened: Sequence[tuple[str, int]], timeout: float, *, exclusive: bool = False,
+             busy_message: Callable[[str], str] | None = None) -> list[tuple[str, int]]:
+    """Lock every ``(path, fd)`` shared (or ``exclusive``), all or none: on a busy one,
+    release what was taken and retry until ``timeout``, then ``StoreLocked`` with
+    ``busy_message(path)`` (default: who writes it). A filesystem without record locks
+    (ENOLCK, EINVAL) is passed over, as c/storage does; for a writer any other error is
+    raised, a reader goes on without that lock."""
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     deadline = time.monotonic() + max(timeout, 0.0)
     while True:
         locked: list[tuple[str, int]] = []
         busy: str | None = None
         for path, fd in opened:
             try:
-                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.lockf(fd, mode | fcntl.LOCK_NB)
             except OSError as err:
                 if err.errno in _BUSY_ERRNOS:
                     busy = path
                     break
-                continue  # ENOLCK, EINVAL: this filesystem has no record locks
+                if exclusive and err.errno not in (errno.ENOLCK, errno.EINVAL):
+                    raise
+                continue
             locked.append((path, fd))
         if busy is None:
             return locked
@@ -87,7 +96,9 @@ def _lock_all(opened: list[tuple[str, int]], timeout: float) -> list[tuple[str, 
             _unlock(fd)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise StoreLocked(f"{describe_writers(busy)} for more than {timeout:g} s", path=busy)
+            message = (busy_message(busy) if busy_message is not None
+                       else f"{describe_writers(busy)} for more than {timeout:g} s")
+            raise StoreLocked(message, path=busy)
         time.sleep(min(_POLL_INTERVAL_S, remaining))
 
 

@@ -32,11 +32,11 @@ import struct
 import time
 from collections.abc import Sequence
 
+from crifs.cstorage.locks import lock_all
 from crifs.cstorage.paths import StorePaths
 from crifs.errors import Internal, StoreLocked, UnsafePath
 from crifs.fs.locks import PROC_LOCKS, lock_holders
 
-_POLL_INTERVAL_S = 0.02
 _BUSY = frozenset({errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK})
 LAST_WRITE_SIZE = 64
 _counter = itertools.count(1)
@@ -90,7 +90,11 @@ class CStorageWriteLocks:
                 fd = _open_for_writing(path)
                 if fd is not None:
                     opened.append((path, fd))
-            locked = _lock_all(opened, self.timeout)
+            timeout = self.timeout
+            locked = [path for path, _ in lock_all(
+                opened, timeout, exclusive=True,
+                busy_message=lambda busy: f"held by {describe_holders(busy)} for more than "
+                f"{timeout:g} s; not repairing while the runtime uses the store")]
         except BaseException:
             for _, fd in opened:
                 os.close(fd)  # closing releases whatever was taken
@@ -153,38 +157,6 @@ def _open_for_writing(path: str) -> int | None:
                              path=path) from None
         raise StoreLocked(f"cannot open for locking: {os.strerror(err.errno or 0)}",
                           path=path) from None
-
-
-def _lock_all(opened: Sequence[tuple[str, int]], timeout: float) -> list[str]:
-    """Write-lock every descriptor or none: on a busy one, release what was taken and retry
-    until ``timeout``, then ``StoreLocked`` naming the holder. Returns the paths locked."""
-    deadline = time.monotonic() + max(timeout, 0.0)
-    while True:
-        taken: list[int] = []
-        names: list[str] = []
-        busy: str | None = None
-        for path, fd in opened:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                if err.errno in _BUSY:
-                    busy = path
-                    break
-                if err.errno in (errno.ENOLCK, errno.EINVAL):
-                    continue  # a filesystem without record locks: c/storage proceeds too
-                raise
-            taken.append(fd)
-            names.append(path)
-        if busy is None:
-            return names
-        for fd in taken:
-            with contextlib.suppress(OSError):
-                fcntl.lockf(fd, fcntl.LOCK_UN)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise StoreLocked(f"held by {describe_holders(busy)} for more than {timeout:g} s; "
-                              "not repairing while the runtime uses the store", path=busy)
-        time.sleep(min(_POLL_INTERVAL_S, remaining))
 
 
 def refuse_if_crio(paths: StorePaths) -> None:
