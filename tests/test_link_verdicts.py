@@ -311,6 +311,20 @@ def test_severity_table_and_summary() -> None:
     assert set(result.summary()) == {v.value for v in Verdict}
 
 
+def test_ok_verdicts_left_out_are_still_counted() -> None:
+    layers = [
+        layer(0, {b"a": b"->b", b"b": b"file", b"c": b"->d", b"e": b"->a", b"f": b"->/b"}),
+        layer(1, {b"h": b"->b", b"g": b"->/proc/x"}),
+    ]
+    every = audit(layers, host_root=None)
+    lean = audit(layers, host_root=None, keep_ok=False)
+    assert lean.verdicts == [v for v in every.verdicts if v.verdict is not Verdict.OK]
+    assert lean.summary() == every.summary()
+    assert lean.symlinks == every.symlinks == 6
+    assert every.summary()["ok"] == 4 and lean.ok_left_out == 4
+    assert every.ok_left_out == 0
+
+
 def test_progress_is_reported() -> None:
     seen: list[tuple[int, int]] = []
     audit([layer(0, {b"a": b"->b"})], progress=lambda done, total: seen.append((done, total)))

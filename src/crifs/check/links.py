@@ -109,12 +109,20 @@ class LinkAudit:
     layers: list[LayerListing]
     verdicts: list[LinkVerdict]
     hardlinks: list[HardlinkFinding]
+    # ``ok`` links counted but not kept in ``verdicts`` (``audit(keep_ok=False)``)
+    ok_left_out: int = 0
+
+    @property
+    def symlinks(self) -> int:
+        """Every visible symlink audited, ``ok`` ones left out of ``verdicts`` included."""
+        return len(self.verdicts) + self.ok_left_out
 
     def summary(self) -> dict[str, int]:
         """The number of symlinks per verdict, every verdict listed."""
         counts = {verdict.value: 0 for verdict in Verdict}
         for item in self.verdicts:
             counts[item.verdict.value] += 1
+        counts[Verdict.OK.value] += self.ok_left_out
         return counts
 
 
@@ -125,19 +133,21 @@ def audit(
     runtime_paths: Iterable[bytes] = RUNTIME_PATHS,
     progress: Callable[[int, int], None] | None = None,
     view: MergedView | None = None,
+    keep_ok: bool = True,
 ) -> LinkAudit:
     """Audit every visible symlink and every hard link of ``layers`` (bottom first).
 
     ``host_root=None`` turns the host check off. ``progress(done, total)`` is called every few
     thousand symlinks. ``view`` may pass a ``MergedView`` already built from ``layers``.
+    ``keep_ok=False`` leaves the ``ok`` verdicts out (only counted, in ``ok_left_out``):
+    most links of an image resolve, and a report that does not show them need not build them.
     """
     stack = list(layers)
     with gc_paused():
         merged = view if view is not None else MergedView(stack)
-        verdicts = judge_links(
-            merged, host_root=host_root, runtime_paths=runtime_paths, progress=progress
-        )
-        return LinkAudit(stack, verdicts, hardlink_findings(stack))
+        verdicts, judged = _judge_links(merged, host_root, runtime_paths, progress, keep_ok)
+        ok_left_out = judged - len(verdicts)
+        return LinkAudit(stack, verdicts, hardlink_findings(stack), ok_left_out)
 
 
 def judge_links(
@@ -146,8 +156,10 @@ def judge_links(
     host_root: str | None = "/",
     runtime_paths: Iterable[bytes] = RUNTIME_PATHS,
     progress: Callable[[int, int], None] | None = None,
+    keep_ok: bool = True,
 ) -> list[LinkVerdict]:
-    """A verdict for every visible symlink of ``view``, sorted by path.
+    """A verdict for every visible symlink of ``view``, sorted by path (``keep_ok=False``:
+    every one but the ``ok`` verdicts).
 
     With :data:`PARALLEL_LINKS` links or more, a forked helper (``crifs.fs.forked``) shares
     the resolving: the sorted links are cut into :data:`_RUNS` runs, each process judges the
@@ -162,7 +174,18 @@ def judge_links(
     key object increments the stored key's): judging half the links of a million-entry tree
     made the helper ~150 MB of its own pages. So the helper is used only for views of at
     most :data:`PARALLEL_MAX_PATHS` paths, and is off by default (see there)."""
-    judge = _Judge(view, host_root, runtime_paths)
+    return _judge_links(view, host_root, runtime_paths, progress, keep_ok)[0]
+
+
+def _judge_links(
+    view: MergedView,
+    host_root: str | None,
+    runtime_paths: Iterable[bytes],
+    progress: Callable[[int, int], None] | None,
+    keep_ok: bool,
+) -> tuple[list[LinkVerdict], int]:
+    """``judge_links``, and how many links were judged (``ok`` ones left out included)."""
+    judge = _Judge(view, host_root, runtime_paths, keep_ok)
     parallel = (
         PARALLEL_LINKS
         and view.link_count() >= PARALLEL_LINKS
@@ -206,15 +229,22 @@ def judge_links(
     if progress is not None:
         progress(total, total)
     verdicts = [verdict for number in range(runs) for verdict in parts[number]]
+    if not keep_ok:  # the slow route may still have answered ok
+        verdicts = [verdict for verdict in verdicts if verdict.verdict is not Verdict.OK]
     judge.add_fixes(verdicts, names)
-    return verdicts
+    return verdicts, total
 
 
 class _Judge:
     def __init__(
-        self, view: MergedView, host_root: str | None, runtime_paths: Iterable[bytes]
+        self,
+        view: MergedView,
+        host_root: str | None,
+        runtime_paths: Iterable[bytes],
+        keep_ok: bool = True,
     ) -> None:
         self.view = view
+        self.keep_ok = keep_ok
         self.resolver = LinkResolver(view)
         self.single = len(view.layers) <= 1
         self.host_root = os.fsencode(host_root) if host_root is not None else None
@@ -277,6 +307,7 @@ class _Judge:
         resolve_link, direct = self.resolver.resolve, self.resolver.direct
         judge = self.verdict
         ok = Verdict.OK
+        keep_ok = self.keep_ok
         for path, node, own in links:
             entry = node.entry
             target = entry.target
@@ -287,6 +318,11 @@ class _Judge:
                 res = resolve_link(path, None, entry if own else None)
                 resolved = res.resolved
             if res is None or res.errno is None:
+                if not keep_ok:
+                    done += 1
+                    if progress is not None and done % _PROGRESS_EVERY == 0:
+                        progress(min(done, total), total)
+                    continue
                 link = b"/" + path
                 message = (
                     f"{link.decode('utf-8', 'backslashreplace')} -> "

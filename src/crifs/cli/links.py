@@ -143,10 +143,12 @@ def build_report(
         label=target.label,
         kind=target.kind,
         layers=[LayerInfo.of(layer) for layer in result.layers],
-        symlinks=len(result.verdicts),
+        symlinks=result.symlinks,
         details=dict(target.details),
     )
     summary = report.summary
+    if result.ok_left_out:
+        summary["ok"] = result.ok_left_out
     for verdict in result.verdicts:
         name = verdict.verdict.value
         is_ok = name == "ok"
@@ -244,7 +246,7 @@ def _resolve_all(specs: Sequence[str | None], g: Globals, all_images: bool) -> l
         raise BadInput(err.message, path=err.path) from None
 
 
-def _audit_one(target: AuditTarget, progress: _Progress) -> LinkAudit:
+def _audit_one(target: AuditTarget, progress: _Progress, show_ok: bool) -> LinkAudit:
     from crifs.check.links import audit
 
     progress.reading(target.label)
@@ -252,7 +254,7 @@ def _audit_one(target: AuditTarget, progress: _Progress) -> LinkAudit:
         layers = target.load()
     except NotFound as err:
         raise BadInput(err.message, path=err.path) from None
-    result = audit(layers, progress=progress.resolving)
+    result = audit(layers, progress=progress.resolving, keep_ok=show_ok)
     progress.target_done()
     return result
 
@@ -270,7 +272,7 @@ def _audit_all(
         for target in targets:
             # One target at a time: only its filtered report outlives the listings.
             try:
-                result = _audit_one(target, progress)
+                result = _audit_one(target, progress, show_ok)
             except CrifsError as err:
                 if len(targets) == 1:
                     raise
