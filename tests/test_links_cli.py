@@ -711,3 +711,26 @@ def test_link_records_of_utf8_and_other_bytes_are_built_alike() -> None:
             patch.setattr(links_report, "_UTF8_NAMES", False)
             general = links_report.link_record(verdict)
         assert fast == general and list(fast) == list(general)
+
+
+def test_progress_in_a_terminal_runs_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar is redrawn by its callers: a refresh thread would stop the walk and the judge
+    from forking their helper (a forked child gets only one thread)."""
+    import io
+    import threading
+
+    from crifs.cli.links import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    before = threading.active_count()
+    with _Progress(2) as progress:
+        progress.reading("rootfs /x")
+        progress.resolving(4096, 8192)
+        assert threading.active_count() == before
+        progress.target_done()
+    assert "reading rootfs /x" in terminal.getvalue()

@@ -183,7 +183,11 @@ def exit_status(reports: Sequence[TargetReport], fail_on: FailOn) -> int:
 class _Progress:
     """Progress on stderr while targets are read and resolved; silent unless stderr is a
     terminal, so scripts and CI logs see nothing. One bar counts targets, one the symlinks
-    of the target being resolved."""
+    of the target being resolved.
+
+    Redrawn on each update, never by rich's refresh thread: with a second thread running,
+    the walk and the judge do not fork their helper (``crifs.fs.forked``: a forked child
+    gets only the calling thread), which made an audit in a terminal a third slower."""
 
     def __init__(self, targets: int) -> None:
         self._bar: Any = None
@@ -202,9 +206,11 @@ class _Progress:
                 MofNCompleteColumn(),
                 console=Console(file=sys.stderr),
                 transient=True,
+                auto_refresh=False,
             )
             self._bar.start()
             self._targets_task = self._bar.add_task("targets", total=self._count)
+            self._bar.refresh()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -214,6 +220,7 @@ class _Progress:
     def reading(self, label: str) -> None:
         if self._bar is not None:
             self._bar.update(self._targets_task, description=f"reading {escape_text(label)}")
+            self._bar.refresh()
 
     def resolving(self, done: int, total: int) -> None:
         if self._bar is None:
@@ -221,6 +228,7 @@ class _Progress:
         if self._links_task is None:
             self._links_task = self._bar.add_task("symlinks", total=total)
         self._bar.update(self._links_task, completed=done, total=total)
+        self._bar.refresh()
 
     def target_done(self) -> None:
         if self._bar is not None:
@@ -228,6 +236,7 @@ class _Progress:
             if self._links_task is not None:
                 self._bar.remove_task(self._links_task)
                 self._links_task = None
+            self._bar.refresh()
 
 
 def _resolve_all(specs: Sequence[str | None], g: Globals, all_images: bool) -> list[AuditTarget]:
