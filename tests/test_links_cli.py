@@ -734,3 +734,27 @@ def test_progress_in_a_terminal_runs_no_thread(monkeypatch: pytest.MonkeyPatch) 
         assert threading.active_count() == before
         progress.target_done()
     assert "reading rootfs /x" in terminal.getvalue()
+
+
+def test_a_directory_of_100k_entries_is_an_input(tmp_path: Path, capsys) -> None:
+    """One flat directory (no subdirectories to share between two walkers, more siblings than
+    a near-name fix looks through): every link judged, the counts right, no fix guessed."""
+    big = tmp_path / "rootfs" / "big"
+    big.mkdir(parents=True)
+    fd = os.open(big, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for number in range(100_000):
+            os.close(os.open(f"f{number}", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        for number in range(200):
+            target = f"f{number * 7}" if number % 2 else f"f{number}x"
+            os.symlink(target, f"L{number}", dir_fd=fd)
+    finally:
+        os.close(fd)
+    doc = links_json(capsys, str(tmp_path / "rootfs"), expect=1)
+    target = doc["targets"][0]
+    assert target["symlinks"] == 200
+    assert target["summary"] == {"broken": 100, "ok": 100}
+    assert {raw(rec, "path") for rec in target["links"]} == {
+        f"/big/L{number}".encode() for number in range(0, 200, 2)
+    }
+    assert all(rec["fix"] is None for rec in target["links"])
