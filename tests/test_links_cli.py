@@ -730,10 +730,12 @@ def test_progress_in_a_terminal_runs_no_thread(monkeypatch: pytest.MonkeyPatch) 
     before = threading.active_count()
     with _Progress(2) as progress:
         progress.reading("rootfs /x")
+        progress.reading_layer(0, 3, 12345)
         progress.resolving(4096, 8192)
         assert threading.active_count() == before
         progress.target_done()
     assert "reading rootfs /x" in terminal.getvalue()
+    assert "layer 1/3, 12,345 entries" in terminal.getvalue()
 
 
 def test_a_directory_of_100k_entries_is_an_input(tmp_path: Path, capsys) -> None:

@@ -356,3 +356,16 @@ def test_speed_100k_members_against_tar_tf(tmp_path: Path) -> None:
     print(f"\n100k-member tar: crifs {ours:.3f} s, tar -tf {theirs:.3f} s, "
           f"ratio {ours / theirs:.1f}x")
     assert ours < max(20 * theirs, 3.0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_progress_counts_members(tmp_path: Path, engine: str, monkeypatch: pytest.MonkeyPatch
+                                 ) -> None:
+    from crifs.oci import tarlayer
+
+    monkeypatch.setattr(tarlayer, "PROGRESS_EVERY", 4)
+    members = [E("d", "dir"), *(E(f"d/f{n}", "file") for n in range(9)), E("d/.wh.gone", "file")]
+    told: list[int] = []
+    listing = read(write(tmp_path, layer(*members)), engine, progress=told.append)
+    assert told == [4, 8, 11]  # every 4 members, then the total (the whiteout included)
+    assert len(listing.entries) == 10 and listing.whiteouts == {b"d/gone"}

@@ -399,3 +399,31 @@ def test_forked_job_chunks_failure_and_kill() -> None:
     started = time.perf_counter()
     slow.kill()
     assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("parallel_after", [0, 1])
+def test_progress_reports_entries_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parallel_after: int
+) -> None:
+    """Told now and then while one process or two walk, and the total at the end; a helper
+    never calls it (it would draw from another process)."""
+    from crifs.fs import walk as walk_module
+
+    root = tmp_path / "root"
+    _mixed_tree(root)
+    monkeypatch.setattr(walk_module, "PARALLEL_AFTER", parallel_after)
+    monkeypatch.setattr(walk_module, "PROGRESS_DIRS", 8)
+    monkeypatch.setattr(walk_module, "_PARALLEL_TASKS", 4)
+    parent = os.getpid()
+    log = tmp_path / "progress.log"  # a file: calls made in a helper would show up too
+
+    def tell(seen: int) -> None:
+        with log.open("a") as out:
+            out.write(f"{os.getpid()} {seen}\n")
+
+    listing = walk(root, progress=tell)
+    told = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    assert len(told) > 2
+    assert {pid for pid, _ in told} == {parent}
+    counts = [seen for _, seen in told]
+    assert counts == sorted(counts) and counts[-1] == len(listing.entries)

@@ -26,6 +26,8 @@ from crifs.check.targets import (
     KIND_IMAGE,
     KIND_LAYER,
     AuditTarget,
+    LayerProgress,
+    layer_progress,
 )
 from crifs.containerd.content import (
     INDEX_TYPES,
@@ -66,13 +68,15 @@ class _BlobLayer:
 
 def _loader(
     layers: Sequence[_DirLayer | _BlobLayer], what: str
-) -> Callable[[], list[LayerListing]]:
-    def load() -> list[LayerListing]:
+) -> Callable[..., list[LayerListing]]:
+    def load(progress: LayerProgress | None = None) -> list[LayerListing]:
         out: list[LayerListing] = []
         for i, layer in enumerate(layers):
             name = layer_name(i, layer.ident)
+            told = layer_progress(progress, i, len(layers))
             if isinstance(layer, _BlobLayer):
-                out.append(read_layer_tar(layer.path, index=i, name=name, ident=layer.ident))
+                out.append(read_layer_tar(layer.path, index=i, name=name, ident=layer.ident,
+                                          progress=told))
                 continue
             if layer.path is None:
                 raise CorruptStore(
@@ -80,7 +84,8 @@ def _loader(
                     "(its snapshotter record is missing)"
                 )
             listing = read_layer_dir(
-                layer.path, index=i, name=name, ident=layer.ident, overlay=layer.overlay
+                layer.path, index=i, name=name, ident=layer.ident, overlay=layer.overlay,
+                progress=told,
             )
             if layer.note:
                 listing.problems.append(layer.note)
@@ -305,7 +310,7 @@ def image_target(store: Store, image: Image) -> AuditTarget:
     label = f"image:{image.name}" + (f" (namespace {image.namespace})" if image.namespace else "")
     details = _details(store, image.namespace, image=image.name, id=image.id)
 
-    def load() -> list[LayerListing]:
+    def load(progress: LayerProgress | None = None) -> list[LayerListing]:
         # Finding the layers is part of loading, so that with --all-images one broken image
         # fails alone.
         if store.runtime == CSTORAGE:
@@ -318,7 +323,7 @@ def image_target(store: Store, image: Image) -> AuditTarget:
             layers: Sequence[_DirLayer | _BlobLayer] = _dir_layers(_chain(snaps, top, label))
         else:
             layers = _containerd_image_layers(store, image, label)
-        return _loader(layers, label)()
+        return _loader(layers, label)(progress)
 
     return AuditTarget(label, KIND_IMAGE, load, details)
 

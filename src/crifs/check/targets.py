@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from crifs.errors import BadInput, NotFound, UnsafePath, Unsupported
@@ -61,19 +62,32 @@ KIND_CONTAINER = "container"
 STORE_PREFIXES = (KIND_IMAGE, KIND_SNAPSHOT, KIND_LAYER, KIND_CONTAINER)
 
 
+LayerProgress = Callable[[int, int, int], None]
+"""``(position, layers, read)``: layer ``position`` (0 = bottom) of a target's ``layers`` is
+being read, ``read`` entries (or tar members) of it so far."""
+
+
 @dataclass
 class AuditTarget:
     """One thing to audit. ``label``: how reports name it; ``kind``: ``rootfs``,
     ``rootfs-tar``, an image source kind (``oci-layout``, ``oci-archive``,
     ``docker-archive``, ``docker-dir``) or a store kind (``image``, ``snapshot``, ``layer``,
-    ``container``); ``load()`` reads its layers (bottom first) when called; ``details``:
+    ``container``); ``load(progress=None)`` reads its layers (bottom first) when called,
+    telling ``progress`` (a ``LayerProgress``) how far it is now and then; ``details``:
     facts for reports (``runtime``, ``root``, ``namespace``, ``image``, ``id``, ``key``,
     ``path``)."""
 
     label: str
     kind: str
-    load: Callable[[], list[LayerListing]]
+    load: Callable[..., list[LayerListing]]
     details: Mapping[str, str] = field(default_factory=dict)
+
+
+def layer_progress(
+    progress: LayerProgress | None, position: int, layers: int
+) -> Callable[[int], None] | None:
+    """The progress callback a layer reader gets for layer ``position`` of ``layers``."""
+    return None if progress is None else partial(progress, position, layers)
 
 
 def resolve_targets(
@@ -173,8 +187,13 @@ def _path_targets(path: str, all_platforms: bool) -> list[AuditTarget]:
     return targets
 
 
-def _source_loader(source: ImageSource, image: SourceImage) -> Callable[[], list[LayerListing]]:
-    return lambda: source.listings(image)
+def _source_loader(
+    source: ImageSource, image: SourceImage
+) -> Callable[..., list[LayerListing]]:
+    def load(progress: LayerProgress | None = None) -> list[LayerListing]:
+        return source.listings(image, progress)
+
+    return load
 
 
 def _rootfs_tar_target(path: str, *, compressed: bool) -> AuditTarget:
@@ -182,8 +201,9 @@ def _rootfs_tar_target(path: str, *, compressed: bool) -> AuditTarget:
     compression: one layer. A compressed tar that turns out to hold an image layout or a
     docker save is refused: its blobs cannot be read in place."""
 
-    def load() -> list[LayerListing]:
-        listing = read_layer_tar(path, index=0, name=f"rootfs {path}", ident=path)
+    def load(progress: LayerProgress | None = None) -> list[LayerListing]:
+        listing = read_layer_tar(path, index=0, name=f"rootfs {path}", ident=path,
+                                 progress=layer_progress(progress, 0, 1))
         if compressed and _holds_image(listing):
             raise Unsupported(
                 "a compressed image archive; decompress it first (crifs reads "
@@ -206,7 +226,10 @@ def _holds_image(listing: LayerListing) -> bool:
 
 
 def _rootfs_target(path: str) -> AuditTarget:
-    def load() -> list[LayerListing]:
-        return [read_layer_dir(path, index=0, name=f"rootfs {path}", ident=path, overlay=False)]
+    def load(progress: LayerProgress | None = None) -> list[LayerListing]:
+        return [
+            read_layer_dir(path, index=0, name=f"rootfs {path}", ident=path, overlay=False,
+                           progress=layer_progress(progress, 0, 1))
+        ]
 
     return AuditTarget(path, KIND_ROOTFS, load, {"path": path})

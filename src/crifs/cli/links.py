@@ -14,6 +14,7 @@ import fnmatch
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -65,6 +66,7 @@ def _finding_names() -> set[str]:
 # A comment starts at a "#" that begins the line or follows white space, so a glob may
 # still hold a "#" (paths do).
 _COMMENT = re.compile(rb"(?:^|\s)#.*$")
+_REDRAW_EVERY = 0.1  # seconds between two redraws of the bar while a target is read
 
 
 def read_allow_list(path: Path) -> list[AllowRule]:
@@ -194,6 +196,8 @@ class _Progress:
         self._targets_task: Any = None
         self._links_task: Any = None
         self._count = targets
+        self._label = ""
+        self._drawn = 0.0  # time.monotonic() of the last redraw while reading
 
     def __enter__(self) -> _Progress:
         if sys.stderr.isatty():
@@ -218,9 +222,24 @@ class _Progress:
             self._bar.stop()
 
     def reading(self, label: str) -> None:
+        self._label = escape_text(label)
         if self._bar is not None:
-            self._bar.update(self._targets_task, description=f"reading {escape_text(label)}")
+            self._bar.update(self._targets_task, description=f"reading {self._label}")
             self._bar.refresh()
+
+    def reading_layer(self, position: int, layers: int, read: int) -> None:
+        """A ``LayerProgress``: how far the reading of the current target is."""
+        if self._bar is None:
+            return
+        now = time.monotonic()
+        if now - self._drawn < _REDRAW_EVERY:
+            return
+        self._drawn = now
+        layer = f"layer {position + 1}/{layers}, " if layers > 1 else ""
+        self._bar.update(
+            self._targets_task, description=f"reading {self._label}: {layer}{read:,} entries"
+        )
+        self._bar.refresh()
 
     def resolving(self, done: int, total: int) -> None:
         if self._bar is None:
@@ -260,7 +279,7 @@ def _audit_one(target: AuditTarget, progress: _Progress, show_ok: bool) -> LinkA
 
     progress.reading(target.label)
     try:
-        layers = target.load()
+        layers = target.load(progress.reading_layer)
     except NotFound as err:
         raise BadInput(err.message, path=err.path) from None
     result = audit(layers, progress=progress.resolving, keep_ok=show_ok)

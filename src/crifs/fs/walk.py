@@ -69,6 +69,7 @@ GROUPS, STAT_ALL, OFF = "groups", "all", "off"  # hard-link modes, see read_laye
 # A tree with more entries than this is walked by two processes (0: never). Below it, a fork
 # costs more than it saves.
 PARALLEL_AFTER = 20_000
+PROGRESS_DIRS = 256  # directories walked between two progress calls (one process)
 # Directories handed out in turn: enough that the last one to finish is a small part of the
 # walk, few enough that splitting the top of the tree into them is quick.
 _PARALLEL_TASKS = 64
@@ -99,6 +100,7 @@ def read_layer_dir(
     ident: str | None = None,
     overlay: bool = True,
     hardlinks: str = GROUPS,
+    progress: Callable[[int], None] | None = None,
 ) -> LayerListing:
     """The listing of the directory tree at ``path`` (see the module doc for what is read).
 
@@ -109,6 +111,8 @@ def read_layer_dir(
     inside the layer gets identities and link counts, but a file linked only to something
     outside the layer looks plain; ``all`` ``lstat``s every regular file (exact link counts,
     several times slower on a big tree); ``off`` stores every regular file as ``PLAIN_FILE``.
+    ``progress``: told the number of entries found so far now and then (every
+    :data:`PROGRESS_DIRS` directories, or each directory a helper walked) and at the end.
     """
     if hardlinks not in (GROUPS, STAT_ALL, OFF):
         raise BadInput(f"unknown hard-link mode {hardlinks!r} (use groups, all or off)")
@@ -127,10 +131,12 @@ def read_layer_dir(
     if not stat.S_ISDIR(st.st_mode):
         raise BadInput("is not a directory", path=shown)
     listing = LayerListing(index=index, name=name, ident=ident, source=shown)
-    walker = _Walker(overlay, hardlinks, _mounts_below(root))
+    walker = _Walker(overlay, hardlinks, _mounts_below(root), progress)
     with gc_paused():
         walker.walk(root)
         walker.fill(listing, root)
+    if progress is not None:
+        progress(len(listing.entries))
     return listing
 
 
@@ -145,10 +151,12 @@ class _Walker:
     holds every entry that is neither plain nor a plain symlink (devices, hard-linked
     files)."""
 
-    def __init__(self, overlay: bool, hardlinks: str, mounted: set[bytes]) -> None:
+    def __init__(self, overlay: bool, hardlinks: str, mounted: set[bytes],
+                 progress: Callable[[int], None] | None = None) -> None:
         self.overlay = overlay
         self.hardlinks = hardlinks
         self.mounted = mounted
+        self.progress = progress
         self.reset()
 
     def reset(self) -> None:
@@ -215,8 +223,12 @@ class _Walker:
         stack: list[_Task] = [(root, b"", self.overlay and self.dir_xattrs(root, b""))]
         scan = self.scan_dir
         limit = PARALLEL_AFTER
+        progress, scanned = self.progress, 0
         while stack and (not limit or self.seen() < limit):
             scan(stack.pop(), stack)
+            scanned += 1
+            if progress is not None and not scanned % PROGRESS_DIRS:
+                progress(self.seen())
         if stack:
             tasks = _split(stack, scan)
             self.flush()
@@ -367,6 +379,8 @@ class _Walker:
                 for chunk in helper.chunks():
                     done.update(self.absorb(chunk))
             self.flush()
+            if self.progress is not None:
+                self.progress(self.seen())
 
         try:
             helper = ForkedJob.start(helper_job) if len(tasks) > 1 else None

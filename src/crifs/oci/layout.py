@@ -31,9 +31,10 @@ import os
 import re
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from crifs.containerd.content import HostPlatform, Platform
@@ -148,16 +149,21 @@ class ImageSource:
     def images(self) -> list[SourceImage]:
         return list(self._images)
 
-    def listings(self, image: SourceImage) -> list[LayerListing]:
+    def listings(
+        self, image: SourceImage, progress: Callable[[int, int, int], None] | None = None
+    ) -> list[LayerListing]:
         """The image's layers read into listings, bottom (index 0) first. Each is named
         ``layer <i> <short digest>`` with ``ident`` = the digest; ``CorruptStore`` for a
-        missing or unreadable layer."""
+        missing or unreadable layer. ``progress(position, layers, members)`` is told now and
+        then how many members of the layer being read were read."""
         out: list[LayerListing] = []
+        count = len(image.layers)
         with self._files.session():
             for i, layer in enumerate(image.layers):
+                told = None if progress is None else partial(progress, i, count)
                 with self._files.layer(layer.member, f"layer {layer.digest}") as source:
                     out.append(read_layer_tar(source, index=i, name=layer_name(i, layer.digest),
-                                              ident=layer.digest))
+                                              ident=layer.digest, progress=told))
         return out
 
     def __repr__(self) -> str:

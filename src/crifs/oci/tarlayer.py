@@ -39,7 +39,7 @@ import ctypes
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO, Literal
 
 from crifs.errors import CorruptStore, NotFound
@@ -48,6 +48,7 @@ from crifs.fs.listing import PLAIN_DIR, PLAIN_FILE, Entry, EntryKind, LayerListi
 from crifs.oci import whiteout
 
 MAX_EXAMPLES = 20  # problems of one kind spelled out before they are only counted
+PROGRESS_EVERY = 8192  # members between two progress calls
 _BLOCK = 1 << 20
 _SHOWN_NAME = 160  # a 4096-byte name is cut in messages
 
@@ -78,19 +79,21 @@ def read_layer_tar(
     ident: str | None = None,
     details: bool = False,
     engine: Engine = "auto",
+    progress: Callable[[int], None] | None = None,
 ) -> LayerListing:
     """The listing of the layer tar ``source``: a path, a :class:`FileRange` or a readable
     binary stream (read from its current position, not closed).
 
     ``details``: keep mode, size and owner of regular files and directories too. ``engine``:
-    ``auto`` (libarchive, else tarfile) or one reader only (for tests). Raises
+    ``auto`` (libarchive, else tarfile) or one reader only (for tests). ``progress``: told the
+    number of members read so far every :data:`PROGRESS_EVERY` members and at the end. Raises
     ``NotFound`` when a path does not exist and ``CorruptStore`` for a truncated, corrupt or
     non-tar input.
     """
     origin = _origin(source)
 
     builder = _ListingBuilder(LayerListing(index=index, name=name, ident=ident, source=origin),
-                             details)
+                             details, progress)
     try:
         with gc_paused():
             reader = _libarchive_reader() if engine != "tarfile" else None
@@ -101,10 +104,15 @@ def read_layer_tar(
             else:
                 for member in _tarfile_members(source):
                     builder.add(*member)
+                    builder.members += 1
+                    if progress is not None and not builder.members % PROGRESS_EVERY:
+                        progress(builder.members)
     except _ArchiveError as err:
         what = f"layer {ident}" if ident else name
         raise CorruptStore(f"{what}: unreadable tar: {err}", path=origin) from None
     builder.finish()
+    if progress is not None:
+        progress(builder.members)
     return builder.listing
 
 
@@ -126,8 +134,11 @@ class _ListingBuilder:
     """Adds members to a listing and records what it had to tolerate (at most MAX_EXAMPLES
     sentences per kind of problem, then a count)."""
 
-    def __init__(self, listing: LayerListing, details: bool) -> None:
+    def __init__(self, listing: LayerListing, details: bool,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.listing = listing
+        self.progress = progress
+        self.members = 0  # read so far, deletion markers and skipped members included
         self.entries = listing.entries
         self.details = details
         self.counts: dict[str, int] = {}
@@ -387,11 +398,17 @@ class _Libarchive:
         plain, add, entries = builder.plain, builder.add, builder.entries
         file_entry, dir_entry = (None, None) if builder.details else (PLAIN_FILE, PLAIN_DIR)
         kinds, file_kind = _KIND_OF_TYPE, EntryKind.FILE
+        progress, every = builder.progress, PROGRESS_EVERY
+        members = 0
         try:
             while True:
                 rc = next_header(handle, entry)
                 if rc == _EOF:
                     return
+                members += 1
+                if progress is not None and not members % every:
+                    builder.members = members
+                    progress(members)
                 if rc < _WARN:  # _WARN is only an unconvertible name: the bytes are intact
                     self._fail(archive, failure)
                 raw = pathname(entry) or b""
@@ -422,6 +439,7 @@ class _Libarchive:
                     link = (symlink(entry) or b"") if kind is EntryKind.SYMLINK else b""
                 add(raw, kind, link, perm(entry), size(entry), uid(entry), gid(entry))
         finally:
+            builder.members = members
             self.entry_free(entry)
 
     def _fail(self, archive: int, failure: list[BaseException]) -> None:
