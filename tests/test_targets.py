@@ -343,3 +343,41 @@ def test_podman_missing_layer_dir_fails_at_load(pod: Pod, tmp_path: Path) -> Non
             target.load()
     finally:
         os.rename(moved, diff)
+
+
+def test_podman_all_images_read_each_shared_layer_once(
+    pod: Pod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second image committed from the container stacks the first one's layers: with
+    --all-images each layer directory is read once, and each image gets the listings it gets
+    alone (same entries, its own positions)."""
+    from crifs.check import store_targets
+
+    pod.podman.run("commit", "c-links", "localhost/crifs/second:v1")
+    try:
+        alone = {
+            target.label: target.load()
+            for ref in (f"image:{REF}", "image:localhost/crifs/second:v1")
+            for target in resolve_targets(ref, pod.sel)
+        }
+        read: list[str] = []
+        real = store_targets.read_layer_dir
+
+        def counting(path: str, **kw: object):  # noqa: ANN202 - LayerListing
+            read.append(path)
+            return real(path, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store_targets, "read_layer_dir", counting)
+        targets = resolve_targets(None, pod.sel, all_images=True)
+        assert sorted(t.label for t in targets) == sorted(alone)
+        for target in targets:
+            layers = target.load()
+            expected = alone[target.label]
+            assert [(x.index, x.name, x.ident) for x in layers] == [
+                (x.index, x.name, x.ident) for x in expected
+            ]
+            assert [x.entries for x in layers] == [x.entries for x in expected]
+            assert [x.problems for x in layers] == [x.problems for x in expected]
+        assert len(read) == len(set(read)) == len(alone["image:localhost/crifs/second:v1"])
+    finally:
+        pod.podman.run("rmi", "localhost/crifs/second:v1")

@@ -19,8 +19,10 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
+from crifs.check.layer_cache import LayerCache
 from crifs.check.targets import (
     KIND_CONTAINER,
     KIND_IMAGE,
@@ -67,32 +69,43 @@ class _BlobLayer:
 
 
 def _loader(
-    layers: Sequence[_DirLayer | _BlobLayer], what: str
+    layers: Sequence[_DirLayer | _BlobLayer], what: str, cache: LayerCache | None = None
 ) -> Callable[..., list[LayerListing]]:
+    """Reads ``layers`` when called; through ``cache`` when given (``--all-images``)."""
+
     def load(progress: LayerProgress | None = None) -> list[LayerListing]:
         out: list[LayerListing] = []
         for i, layer in enumerate(layers):
             name = layer_name(i, layer.ident)
-            told = layer_progress(progress, i, len(layers))
-            if isinstance(layer, _BlobLayer):
-                out.append(read_layer_tar(layer.path, index=i, name=name, ident=layer.ident,
-                                          progress=told))
-                continue
-            if layer.path is None:
+            read = partial(_read_layer, layer, i, name, layer_progress(progress, i, len(layers)))
+            if isinstance(layer, _DirLayer) and layer.path is None:
                 raise CorruptStore(
                     f"{what}: layer {layer.ident} has no directory on disk "
                     "(its snapshotter record is missing)"
                 )
-            listing = read_layer_dir(
-                layer.path, index=i, name=name, ident=layer.ident, overlay=layer.overlay,
-                progress=told,
-            )
-            if layer.note:
+            if cache is None:
+                listing = read()
+            else:
+                where = (type(layer).__name__, layer.path, isinstance(layer, _DirLayer)
+                         and layer.overlay)
+                listing = cache.listing(where, read, index=i, name=name)
+            if isinstance(layer, _DirLayer) and layer.note:
                 listing.problems.append(layer.note)
             out.append(listing)
         return out
 
     return load
+
+
+def _read_layer(
+    layer: _DirLayer | _BlobLayer, index: int, name: str, told: Callable[[int], None] | None
+) -> LayerListing:
+    if isinstance(layer, _BlobLayer):
+        return read_layer_tar(layer.path, index=index, name=name, ident=layer.ident,
+                              progress=told)
+    assert layer.path is not None  # refused by the loader
+    return read_layer_dir(layer.path, index=index, name=name, ident=layer.ident,
+                          overlay=layer.overlay, progress=told)
 
 
 def _chain(snapshots: Mapping[str, Snapshot], top: Snapshot, what: str) -> list[Snapshot]:
@@ -306,7 +319,8 @@ _IMAGE_RULES: tuple[Callable[[str, Image], bool], ...] = (
 )
 
 
-def image_target(store: Store, image: Image) -> AuditTarget:
+def image_target(store: Store, image: Image, cache: LayerCache | None = None) -> AuditTarget:
+    """The target ``image:REF``; ``cache`` shares layer listings with other images."""
     label = f"image:{image.name}" + (f" (namespace {image.namespace})" if image.namespace else "")
     details = _details(store, image.namespace, image=image.name, id=image.id)
 
@@ -323,7 +337,7 @@ def image_target(store: Store, image: Image) -> AuditTarget:
             layers: Sequence[_DirLayer | _BlobLayer] = _dir_layers(_chain(snaps, top, label))
         else:
             layers = _containerd_image_layers(store, image, label)
-        return _loader(layers, label)(progress)
+        return _loader(layers, label, cache)(progress)
 
     return AuditTarget(label, KIND_IMAGE, load, details)
 
@@ -437,7 +451,14 @@ def _chain_ids(diff_ids: Sequence[str]) -> list[str]:
 
 
 def every_image(stores: Iterable[Store], namespace: str | None) -> list[AuditTarget]:
-    return [image_target(store, image) for store in stores for image in store.images(namespace)]
+    """Every image of ``stores``, sharing one ``LayerCache``: most images of a node stack the
+    same few base layers, read once this way."""
+    cache = LayerCache()
+    return [
+        image_target(store, image, cache)
+        for store in stores
+        for image in store.images(namespace)
+    ]
 
 
 # -- helpers -----------------------------------------------------------------------------------

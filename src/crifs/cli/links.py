@@ -298,7 +298,8 @@ def _audit_all(
     reports: list[TargetReport] = []
     with _Progress(len(targets)) as progress:
         for target in targets:
-            # One target at a time: only its filtered report outlives the listings.
+            # One target at a time: only its filtered report outlives the listings (and
+            # the bounded layer cache of --all-images).
             try:
                 result = _audit_one(target, progress, show_ok)
             except CrifsError as err:
