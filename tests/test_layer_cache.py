@@ -3,7 +3,7 @@ mutably."""
 
 from __future__ import annotations
 
-from crifs.check.layer_cache import LayerCache
+from crifs.fs.layer_cache import LayerCache
 from crifs.fs.listing import PLAIN_FILE, LayerListing
 
 

@@ -120,6 +120,38 @@ def test_rootfs_tarball_is_one_layer(tmp_path: Path, compression: str | None) ->
     assert set(listing.entries) == PATHS[0] | {b"bin/sh"}
 
 
+def test_images_of_one_archive_read_a_shared_layer_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crifs.oci import layout as layout_module
+
+    top = [E("srv", "dir"), E("srv/x", "symlink", target="../etc/passwd")]
+    refs = {"example.com/crifs/one:v1": [L0, L1], "example.com/crifs/two:v1": [L0, top]}
+    build_layout(tmp_path / "layout", refs, compression="gzip")
+    archive = layout_to_tar(tmp_path / "layout", tmp_path / "layout.tar")
+    for path in (tmp_path / "layout", archive):
+        alone = {}  # each image loaded by a resolve of its own: nothing cached for it
+        for number in range(2):
+            target = resolve_targets(str(path), None)[number]
+            alone[target.label] = target.load()
+        read: list[str] = []
+
+        def counting(source, read=read, real=layout_module.read_layer_tar, **kw):  # noqa: ANN001, ANN202
+            read.append(kw["ident"])
+            return real(source, **kw)
+
+        monkeypatch.setattr(layout_module, "read_layer_tar", counting)
+        targets = resolve_targets(str(path), None)
+        assert len(targets) == 2
+        for target in targets:
+            layers = target.load()
+            assert [(x.index, x.name, x.entries) for x in layers] == [
+                (x.index, x.name, x.entries) for x in alone[target.label]
+            ]
+        assert len(read) == len(set(read)) == 3  # L0, L1 and the second image's top
+        monkeypatch.undo()
+
+
 def test_compressed_image_archive_is_refused(built: tuple[Path, Path, ImageInfo],
                                              tmp_path: Path) -> None:
     _, archive, _ = built

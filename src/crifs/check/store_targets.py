@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from crifs.check.layer_cache import LayerCache
 from crifs.check.targets import (
     KIND_CONTAINER,
     KIND_IMAGE,
@@ -40,6 +39,7 @@ from crifs.containerd.content import (
 )
 from crifs.containerd.store import ContainerdStore
 from crifs.errors import BadInput, CorruptStore, NotFound
+from crifs.fs.layer_cache import LayerCache
 from crifs.fs.listing import LayerListing
 from crifs.fs.walk import read_layer_dir
 from crifs.model import CONTAINERD, CSTORAGE, Container, Image, Snapshot, Store

@@ -40,6 +40,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from crifs.errors import BadInput, NotFound, UnsafePath, Unsupported
+from crifs.fs.layer_cache import LayerCache
 from crifs.fs.listing import LayerListing
 from crifs.fs.walk import read_layer_dir
 from crifs.oci.tarlayer import read_layer_tar
@@ -173,11 +174,12 @@ def _path_targets(path: str, all_platforms: bool) -> list[AuditTarget]:
         return [_rootfs_tar_target(path, compressed=False)]
     except CompressedArchive:
         return [_rootfs_tar_target(path, compressed=True)]
+    cache = LayerCache()  # images of one archive often share layers
     targets = [
         AuditTarget(
             f"{path} ({image.name})",
             source.kind,
-            _source_loader(source, image),
+            _source_loader(source, image, cache),
             {"path": path, "image": image.name},
         )
         for image in source.images()
@@ -188,10 +190,10 @@ def _path_targets(path: str, all_platforms: bool) -> list[AuditTarget]:
 
 
 def _source_loader(
-    source: ImageSource, image: SourceImage
+    source: ImageSource, image: SourceImage, cache: LayerCache
 ) -> Callable[..., list[LayerListing]]:
     def load(progress: LayerProgress | None = None) -> list[LayerListing]:
-        return source.listings(image, progress)
+        return source.listings(image, progress, cache)
 
     return load
 

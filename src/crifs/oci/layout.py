@@ -39,6 +39,7 @@ from typing import Any
 
 from crifs.containerd.content import HostPlatform, Platform
 from crifs.errors import BadInput, CorruptStore, NotFound, UnsafePath, Unsupported
+from crifs.fs.layer_cache import LayerCache
 from crifs.fs.listing import LayerListing, normalize
 from crifs.oci.tarlayer import FileRange, LayerSource, read_layer_tar
 
@@ -150,21 +151,35 @@ class ImageSource:
         return list(self._images)
 
     def listings(
-        self, image: SourceImage, progress: Callable[[int, int, int], None] | None = None
+        self,
+        image: SourceImage,
+        progress: Callable[[int, int, int], None] | None = None,
+        cache: LayerCache | None = None,
     ) -> list[LayerListing]:
         """The image's layers read into listings, bottom (index 0) first. Each is named
         ``layer <i> <short digest>`` with ``ident`` = the digest; ``CorruptStore`` for a
         missing or unreadable layer. ``progress(position, layers, members)`` is told now and
-        then how many members of the layer being read were read."""
+        then how many members of the layer being read were read. With ``cache``, a layer
+        member read for another image of this source is not read again."""
         out: list[LayerListing] = []
         count = len(image.layers)
         with self._files.session():
             for i, layer in enumerate(image.layers):
                 told = None if progress is None else partial(progress, i, count)
-                with self._files.layer(layer.member, f"layer {layer.digest}") as source:
-                    out.append(read_layer_tar(source, index=i, name=layer_name(i, layer.digest),
-                                              ident=layer.digest, progress=told))
+                name = layer_name(i, layer.digest)
+                read = partial(self._read_layer, layer, i, name, told)
+                if cache is None:
+                    out.append(read())
+                else:
+                    key = (self.path, layer.member)
+                    out.append(cache.listing(key, read, index=i, name=name))
         return out
+
+    def _read_layer(self, layer: LayerDescriptor, index: int, name: str,
+                    told: Callable[[int], None] | None) -> LayerListing:
+        with self._files.layer(layer.member, f"layer {layer.digest}") as source:
+            return read_layer_tar(source, index=index, name=name, ident=layer.digest,
+                                  progress=told)
 
     def __repr__(self) -> str:
         return f"ImageSource({self.path!r}, kind={self.kind!r}, images={len(self._images)})"

@@ -1,6 +1,6 @@
 """Layer listings kept between the targets of one run, so that the base layers many images
-share are read once (``crifs links --all-images``: on a node most images stack the same few
-bases, and reading a layer costs as much as auditing it)."""
+share are read once (``crifs links --all-images``, or an archive of several images: on a node
+most images stack the same few bases, and reading a layer costs as much as auditing it)."""
 
 from __future__ import annotations
 
