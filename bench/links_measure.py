@@ -2,7 +2,7 @@
 
 Every command is run as its own child process and measured on its own: wall time with
 ``time.perf_counter`` around the child, peak RSS as GNU ``/usr/bin/time -f %M`` reports it for
-exactly that command. Not ``os.wait4`` from here: Linux carries the RSS high-water mark of the
+exactly that command, and its CPU time (user + system, ``%U %S``). Not ``os.wait4`` from here: Linux carries the RSS high-water mark of the
 process image that called exec into the new one, so every child of this (larger) Python process
 would report at least this process's RSS.
 Commands are run in interleaved rounds (every command once per round) so background noise hits
@@ -34,6 +34,7 @@ class Sample:
     seconds: float
     max_rss_kb: int
     returncode: int
+    cpu_seconds: float = 0.0  # user + system, the command and the children it waited for
 
 
 @dataclass
@@ -58,6 +59,12 @@ class Command:
     def peak_rss_mb(self) -> float:
         return max(s.max_rss_kb for s in self.samples) / 1024
 
+    @property
+    def least_cpu(self) -> float:
+        """The smallest CPU time of the runs: steadier than wall time on a shared VM (time
+        stolen by other guests is not counted), and the work a command does on every core."""
+        return min(s.cpu_seconds for s in self.samples)
+
 
 def measure(argv: Sequence[str], stdout: Path | None = None,
             stderr: Path | None = None) -> tuple[Sample, str]:
@@ -67,16 +74,17 @@ def measure(argv: Sequence[str], stdout: Path | None = None,
     err_path, time_path = stderr or scratch.with_suffix(".err"), scratch.with_suffix(".time")
     with open(err_path, "wb") as err, open(stdout or os.devnull, "wb") as out:
         started = time.perf_counter()
-        proc = subprocess.run([TIME, "-f", "%M", "-o", str(time_path), *argv], stdout=out,
-                              stderr=err, env=C_LOCALE, check=False)
+        proc = subprocess.run([TIME, "-f", "%U %S %M", "-o", str(time_path), *argv],
+                              stdout=out, stderr=err, env=C_LOCALE, check=False)
         seconds = time.perf_counter() - started
     tail = err_path.read_bytes()[-2000:].decode(errors="replace").strip()
-    # time writes "Command exited with non-zero status N" before the figure: take the last line.
-    max_rss_kb = int(time_path.read_text().split()[-1])
+    # time writes "Command exited with non-zero status N" before the figures: the last line.
+    user, system, max_rss_kb = time_path.read_text().splitlines()[-1].split()
     time_path.unlink()
     if stderr is None:
         err_path.unlink()
-    return Sample(seconds, max_rss_kb, proc.returncode), tail
+    cpu = float(user) + float(system)
+    return Sample(seconds, int(max_rss_kb), proc.returncode, cpu), tail
 
 
 def run_rounds(commands: Sequence[Command], repeat: int) -> None:
@@ -147,10 +155,12 @@ def missing_tool(name: str) -> str | None:
 
 
 def print_table(title: str, commands: Sequence[Command], baseline: Command) -> None:
-    """Side-by-side: best seconds, every run, peak RSS, best time as a multiple of baseline."""
+    """Side-by-side: best seconds, every run, peak RSS, best time as a multiple of baseline,
+    and the least CPU time (user + system) of the runs."""
     print(f"\n{title}")
     versus = "x " + baseline.label.split()[0]
-    print(f"{'command':<44} {'best s':>8} {'runs (s)':<26} {'peak RSS':>10} {versus:>9}")
+    print(f"{'command':<44} {'best s':>8} {'runs (s)':<26} {'peak RSS':>10} {versus:>9} "
+          f"{'cpu s':>7}")
     for command in commands:
         if command.skipped or command.failure or not command.samples:
             why = command.skipped and f"skipped: {command.skipped}"
@@ -159,7 +169,7 @@ def print_table(title: str, commands: Sequence[Command], baseline: Command) -> N
         runs = " ".join(f"{s.seconds:.3f}" for s in command.samples)
         ratio = (f"{command.best / baseline.best:.2f}" if baseline.samples else "-")
         print(f"{command.label:<44} {command.best:>8.3f} {runs:<26} "
-              f"{command.peak_rss_mb:>7.1f} MB {ratio:>9}")
+              f"{command.peak_rss_mb:>7.1f} MB {ratio:>9} {command.least_cpu:>7.2f}")
 
 
 def goal_line(what: str, value: float, limit: float, unit: str = "") -> str:
