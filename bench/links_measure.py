@@ -2,9 +2,9 @@
 
 Every command is run as its own child process and measured on its own: wall time with
 ``time.perf_counter`` around the child, peak RSS as GNU ``/usr/bin/time -f %M`` reports it for
-exactly that command, and its CPU time (user + system, ``%U %S``). Not ``os.wait4`` from here: Linux carries the RSS high-water mark of the
-process image that called exec into the new one, so every child of this (larger) Python process
-would report at least this process's RSS.
+exactly that command, and its CPU time (user + system, ``%U %S``). Not ``os.wait4`` from here:
+Linux carries the RSS high-water mark of the process image that called exec into the new one,
+so every child of this (larger) Python process would report at least this process's RSS.
 Commands are run in interleaved rounds (every command once per round) so background noise hits
 them alike; the best time of ``--repeat`` rounds is compared, the peak RSS is the largest seen.
 """
