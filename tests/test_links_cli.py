@@ -760,3 +760,25 @@ def test_a_directory_of_100k_entries_is_an_input(tmp_path: Path, capsys) -> None
         f"/big/L{number}".encode() for number in range(0, 200, 2)
     }
     assert all(rec["fix"] is None for rec in target["links"])
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_rootfs_tarball_from_the_cli(tmp_path: Path, capsys, compression) -> None:
+    """A tar that holds no image (``docker export``, a rootfs tarball) is one layer; the CLI
+    loads every target kind with its reading progress."""
+    from ocibuild import compress, layer
+
+    data = layer(
+        Entry("usr", "dir"), Entry("usr/lib", "dir"), Entry("usr/lib/a.so", "file", data=b"a"),
+        Entry("usr/lib/b.so", "symlink", target="a.so"),
+        Entry("usr/lib/c.so", "symlink", target="/usr/lib/gone.so"),
+    )
+    path = tmp_path / "rootfs.tar"
+    path.write_bytes(compress(data, compression))
+    doc = links_json(capsys, str(path), "--show-ok", expect=1)
+    [target] = doc["targets"]
+    assert target["kind"] == "rootfs-tar"
+    assert {raw(rec, "path"): rec["verdict"] for rec in target["links"]} == {
+        b"/usr/lib/b.so": "ok",
+        b"/usr/lib/c.so": "broken",
+    }

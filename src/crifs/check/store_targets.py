@@ -28,6 +28,7 @@ from crifs.check.targets import (
     KIND_LAYER,
     AuditTarget,
     LayerProgress,
+    Loader,
     layer_progress,
 )
 from crifs.containerd.content import (
@@ -70,7 +71,7 @@ class _BlobLayer:
 
 def _loader(
     layers: Sequence[_DirLayer | _BlobLayer], what: str, cache: LayerCache | None = None
-) -> Callable[..., list[LayerListing]]:
+) -> Loader:
     """Reads ``layers`` when called; through ``cache`` when given (``--all-images``)."""
 
     def load(progress: LayerProgress | None = None) -> list[LayerListing]:

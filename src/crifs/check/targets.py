@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from crifs.errors import BadInput, NotFound, UnsafePath, Unsupported
 from crifs.fs.layer_cache import LayerCache
@@ -68,6 +68,12 @@ LayerProgress = Callable[[int, int, int], None]
 being read, ``read`` entries (or tar members) of it so far."""
 
 
+class Loader(Protocol):
+    """Reads a target's layers, bottom first, telling ``progress`` how far it is."""
+
+    def __call__(self, progress: LayerProgress | None = None) -> list[LayerListing]: ...
+
+
 @dataclass
 class AuditTarget:
     """One thing to audit. ``label``: how reports name it; ``kind``: ``rootfs``,
@@ -80,7 +86,7 @@ class AuditTarget:
 
     label: str
     kind: str
-    load: Callable[..., list[LayerListing]]
+    load: Loader
     details: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -158,7 +164,8 @@ def _path_targets(path: str, all_platforms: bool) -> list[AuditTarget]:
         # image archives, a few members each, are then indexed again to read their blobs.
         listing = read_layer_tar(path, index=0, name=f"rootfs {path}", ident=path)
         if not _holds_image(listing):
-            return [AuditTarget(path, KIND_ROOTFS_TAR, lambda: [listing], {"path": path})]
+            return [AuditTarget(path, KIND_ROOTFS_TAR, lambda progress=None: [listing],
+                                {"path": path})]
     elif os.path.isdir(path) and not any(
         os.path.lexists(os.path.join(path, name))
         for name in (_OCI_LAYOUT, _INDEX_JSON, _DOCKER_MANIFEST)
@@ -189,9 +196,7 @@ def _path_targets(path: str, all_platforms: bool) -> list[AuditTarget]:
     return targets
 
 
-def _source_loader(
-    source: ImageSource, image: SourceImage, cache: LayerCache
-) -> Callable[..., list[LayerListing]]:
+def _source_loader(source: ImageSource, image: SourceImage, cache: LayerCache) -> Loader:
     def load(progress: LayerProgress | None = None) -> list[LayerListing]:
         return source.listings(image, progress, cache)
 
