@@ -224,11 +224,13 @@ def _rootfs_tar_target(path: str, *, compressed: bool) -> AuditTarget:
 
 def _holds_image(listing: LayerListing) -> bool:
     names = listing.entries
-    blobs = any(p.startswith(b"blobs/") for p in names)
-    return (
-        _OCI_LAYOUT.encode() in names
-        or (blobs or any(p.endswith(b"/layer.tar") for p in names))
-        and (_INDEX_JSON.encode() in names or _DOCKER_MANIFEST.encode() in names)
+    if _OCI_LAYOUT.encode() in names:
+        return True
+    # the two lookups first: a rootfs tar (a million members) is told without a scan
+    if _INDEX_JSON.encode() not in names and _DOCKER_MANIFEST.encode() not in names:
+        return False
+    return any(p.startswith(b"blobs/") for p in names) or any(
+        p.endswith(b"/layer.tar") for p in names
     )
 
 

@@ -210,9 +210,16 @@ class _ListingBuilder:
         if not self.details and kind is EntryKind.DIR:
             self.plain(raw, PLAIN_DIR)
             return
-        path = self.path(raw, kind)
-        if path is None:
-            return
+        if raw[:2] == b"./":
+            raw = raw[2:]
+        text = raw.decode("latin-1")  # the test of ``plain``: a normal name, no marker
+        if (not text or text[0] in "./" or text[-1] == "/" or "/." in text
+                or "//" in text):
+            path = self.path(raw, kind)
+            if path is None:
+                return
+        else:
+            path = raw
         if kind is EntryKind.HARDLINK:
             target = normalize(link)
             if not target:
