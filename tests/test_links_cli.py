@@ -728,7 +728,8 @@ def test_progress_in_a_terminal_runs_no_thread(monkeypatch: pytest.MonkeyPatch) 
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     before = threading.active_count()
-    with _Progress(2) as progress:
+    with _Progress() as progress:
+        progress.targets(2)
         progress.reading("rootfs /x")
         progress.reading_layer(0, 3, 12345)
         progress.resolving(4096, 8192)

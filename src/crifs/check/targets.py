@@ -104,10 +104,13 @@ def resolve_targets(
     all_images: bool = False,
     namespace: str | None = None,
     all_platforms: bool = False,
+    progress: LayerProgress | None = None,
 ) -> list[AuditTarget]:
     """The targets ``spec`` names (see the module doc). ``namespace`` limits containerd
     lookups to one namespace; ``all_platforms`` audits every platform variant of a
-    multi-platform image source instead of the host's."""
+    multi-platform image source instead of the host's. ``progress`` is told how far the
+    reading of a tar is: a tar is read once while it is resolved, to tell a rootfs tar (then
+    already the listing) from an image archive."""
     if not spec:
         if not all_images:
             raise BadInput(
@@ -129,7 +132,7 @@ def resolve_targets(
         if kind == KIND_CONTAINER:
             return [store_targets.container_target(stores, rest, namespace)]
         return [store_targets.snapshot_target(stores, kind, rest, namespace)]
-    return _path_targets(spec, all_platforms)
+    return _path_targets(spec, all_platforms, progress)
 
 
 _EXAMPLE = {
@@ -143,7 +146,9 @@ _EXAMPLE = {
 # -- paths -------------------------------------------------------------------------------------
 
 
-def _path_targets(path: str, all_platforms: bool) -> list[AuditTarget]:
+def _path_targets(
+    path: str, all_platforms: bool, progress: LayerProgress | None = None
+) -> list[AuditTarget]:
     if not os.path.lexists(path):
         prefixes = ", ".join(p + ":" for p in STORE_PREFIXES)
         hint = (
@@ -162,7 +167,8 @@ def _path_targets(path: str, all_platforms: bool) -> list[AuditTarget]:
         # One pass with libarchive tells a rootfs tar from an image archive and, for the
         # rootfs (the big case: a million members), is already the listing to audit; only
         # image archives, a few members each, are then indexed again to read their blobs.
-        listing = read_layer_tar(path, index=0, name=f"rootfs {path}", ident=path)
+        listing = read_layer_tar(path, index=0, name=f"rootfs {path}", ident=path,
+                                 progress=layer_progress(progress, 0, 1))
         if not _holds_image(listing):
             return [AuditTarget(path, KIND_ROOTFS_TAR, lambda progress=None: [listing],
                                 {"path": path})]

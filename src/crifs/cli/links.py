@@ -191,11 +191,10 @@ class _Progress:
     the walk and the judge do not fork their helper (``crifs.fs.forked``: a forked child
     gets only the calling thread), which made an audit in a terminal a third slower."""
 
-    def __init__(self, targets: int) -> None:
+    def __init__(self) -> None:
         self._bar: Any = None
         self._targets_task: Any = None
         self._links_task: Any = None
-        self._count = targets
         self._label = ""
         self._drawn = 0.0  # time.monotonic() of the last redraw while reading
 
@@ -213,9 +212,15 @@ class _Progress:
                 auto_refresh=False,
             )
             self._bar.start()
-            self._targets_task = self._bar.add_task("targets", total=self._count)
+            self._targets_task = self._bar.add_task("targets", total=None)
             self._bar.refresh()
         return self
+
+    def targets(self, count: int) -> None:
+        """How many targets there are, once they are resolved."""
+        if self._bar is not None:
+            self._bar.update(self._targets_task, total=count)
+            self._bar.refresh()
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
@@ -258,20 +263,28 @@ class _Progress:
             self._bar.refresh()
 
 
-def _resolve_all(specs: Sequence[str | None], g: Globals, all_images: bool) -> list[AuditTarget]:
+def _resolve_all(
+    specs: Sequence[str | None], g: Globals, all_images: bool, progress: _Progress
+) -> list[AuditTarget]:
     from crifs.check.targets import resolve_targets
 
+    targets: list[AuditTarget] = []
     try:
-        return [
-            t
-            for spec in specs
-            for t in resolve_targets(
-                spec, g.selection, all_images=all_images, namespace=g.namespace
+        for spec in specs:
+            if spec:  # a tar is read while it is resolved (image archive or rootfs?)
+                progress.reading(spec)
+            targets += resolve_targets(
+                spec,
+                g.selection,
+                all_images=all_images,
+                namespace=g.namespace,
+                progress=progress.reading_layer,
             )
-        ]
     except NotFound as err:
         # For links, exit 1 means findings: a target that is not there is bad input.
         raise BadInput(err.message, path=err.path) from None
+    progress.targets(len(targets))
+    return targets
 
 
 def _audit_one(target: AuditTarget, progress: _Progress, show_ok: bool) -> LinkAudit:
@@ -288,7 +301,7 @@ def _audit_one(target: AuditTarget, progress: _Progress, show_ok: bool) -> LinkA
 
 
 def _audit_all(
-    targets: Sequence[AuditTarget], keep: FindingFilter, show_ok: bool
+    targets: Sequence[AuditTarget], keep: FindingFilter, show_ok: bool, progress: _Progress
 ) -> list[TargetReport]:
     """A report per target. With one target its error propagates (exit 2, one line); with
     several, a target that cannot be read is reported as such and the others are audited,
@@ -296,25 +309,24 @@ def _audit_all(
     from crifs.report.links import TargetReport
 
     reports: list[TargetReport] = []
-    with _Progress(len(targets)) as progress:
-        for target in targets:
-            # One target at a time: only its filtered report outlives the listings (and
-            # the bounded layer cache of --all-images).
-            try:
-                result = _audit_one(target, progress, show_ok)
-            except CrifsError as err:
-                if len(targets) == 1:
-                    raise
-                print(f"crifs: {target.label}: {err}", file=sys.stderr)
-                reports.append(
-                    TargetReport(
-                        target.label, target.kind, [], error=str(err), details=dict(target.details)
-                    )
+    for target in targets:
+        # One target at a time: only its filtered report outlives the listings (and
+        # the bounded layer cache of --all-images).
+        try:
+            result = _audit_one(target, progress, show_ok)
+        except CrifsError as err:
+            if len(targets) == 1:
+                raise
+            print(f"crifs: {target.label}: {err}", file=sys.stderr)
+            reports.append(
+                TargetReport(
+                    target.label, target.kind, [], error=str(err), details=dict(target.details)
                 )
-                continue
-            report = build_report(target, result, keep, show_ok=show_ok)
-            del result
-            reports.append(report)
+            )
+            continue
+        report = build_report(target, result, keep, show_ok=show_ok)
+        del result
+        reports.append(report)
     return reports
 
 
@@ -367,7 +379,9 @@ def links(
         ignore=[_rooted(glob) for glob in ignore or []],
         allow=read_allow_list(allow_list) if allow_list is not None else [],
     )
-    reports = _audit_all(_resolve_all(specs or [None], g, all_images), keep, show_ok)
+    with _Progress() as progress:
+        targets_found = _resolve_all(specs or [None], g, all_images, progress)
+        reports = _audit_all(targets_found, keep, show_ok, progress)
     from crifs.report import links as links_report
 
     if g.output is Format.SARIF:
