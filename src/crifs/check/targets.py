@@ -177,7 +177,8 @@ def _path_targets(
         for name in (_OCI_LAYOUT, _INDEX_JSON, _DOCKER_MANIFEST)
     ):
         return [_rootfs_target(path)]  # a directory that cannot hold an image
-    from crifs.oci.layout import CompressedArchive, ImageSource, NoImage
+    from crifs.oci.layout import ImageSource, NoImage
+    from crifs.oci.sourcefiles import CompressedArchive
 
     try:
         source = ImageSource.open(path, all_platforms=all_platforms)

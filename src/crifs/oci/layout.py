@@ -13,8 +13,9 @@ Formats (image-spec ``image-layout.md``, moby ``image/tarexport``):
   the OCI view is preferred then).
 
 An archive is never extracted: it is scanned once for member offsets, and each blob is read in
-place (small JSON documents whole, layers streamed into ``read_layer_tar``). Only an
-uncompressed outer tar is supported; its layers may be compressed.
+place (small JSON documents whole, layers streamed into ``read_layer_tar``; see
+``crifs.oci.sourcefiles``). Only an uncompressed outer tar is supported; its layers may be
+compressed.
 
 Platforms: from an index (top level or nested) holding several platform variants of one image,
 the variant this host would run is chosen (containerd's preference order), or the first one
@@ -30,18 +31,22 @@ import json
 import os
 import re
 import stat
-import tarfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from crifs.containerd.content import HostPlatform, Platform
-from crifs.errors import BadInput, CorruptStore, NotFound, UnsafePath, Unsupported
+from crifs.errors import BadInput, CorruptStore, NotFound, UnsafePath
 from crifs.fs.layer_cache import LayerCache
-from crifs.fs.listing import LayerListing, normalize
-from crifs.oci.tarlayer import FileRange, LayerSource, read_layer_tar
+from crifs.fs.listing import LayerListing
+from crifs.oci.sourcefiles import (
+    DirFiles,
+    SourceFiles,
+    TarFiles,
+    member_name,
+)
+from crifs.oci.tarlayer import read_layer_tar
 
 OCI_LAYOUT = "oci-layout"
 INDEX_JSON = "index.json"
@@ -55,12 +60,8 @@ KIND_OCI_ARCHIVE = "oci-archive"
 KIND_DOCKER_ARCHIVE = "docker-archive"
 KIND_DOCKER_DIR = "docker-dir"
 
-MAX_JSON = 64 << 20
 _MAX_INDEX_DEPTH = 8
-_MAX_MEMBER_LINKS = 16
 _DIGEST = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
-_COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ\x00": "xz",
-               b"BZh": "bzip2"}
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                 "application/vnd.docker.distribution.manifest.list.v2+json")
 _MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
@@ -69,10 +70,6 @@ _MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
 
 class NoImage(BadInput):
     """A directory or uncompressed tar that holds no image index or docker manifest."""
-
-
-class CompressedArchive(Unsupported):
-    """A compressed outer archive (crifs reads compressed layers, not compressed archives)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +104,7 @@ class ImageSource:
     ``listings`` streams the layers. Nothing is written or extracted.
     """
 
-    def __init__(self, path: str, kind: str, files: _Files, images: list[SourceImage]) -> None:
+    def __init__(self, path: str, kind: str, files: SourceFiles, images: list[SourceImage]) -> None:
         self.path = path
         self.kind = kind
         self._files = files
@@ -126,14 +123,14 @@ class ImageSource:
             raise NotFound("does not exist", path=path) from None
         except OSError as err:
             raise BadInput(f"cannot read: {os.strerror(err.errno or 0)}", path=path) from None
-        files: _Files
+        files: SourceFiles
         if stat.S_ISDIR(st.st_mode):
-            files = _DirFiles(path)
+            files = DirFiles(path)
         elif stat.S_ISREG(st.st_mode):
-            files = _TarFiles(path)
+            files = TarFiles(path)
         else:
             raise BadInput("is neither a directory nor an archive file", path=path)
-        is_dir = isinstance(files, _DirFiles)
+        is_dir = isinstance(files, DirFiles)
         reader = _Reader(files, HostPlatform(), all_platforms)
         if _is_oci(files):
             kind = KIND_OCI_LAYOUT if is_dir else KIND_OCI_ARCHIVE
@@ -185,12 +182,12 @@ class ImageSource:
         return f"ImageSource({self.path!r}, kind={self.kind!r}, images={len(self._images)})"
 
 
-def _is_oci(files: _Files) -> bool:
+def _is_oci(files: SourceFiles) -> bool:
     # index.json alone could be any file at the top of a rootfs; with blobs/ it is a layout.
     return files.exists(OCI_LAYOUT) or (files.exists(INDEX_JSON) and files.has_dir("blobs"))
 
 
-def _is_docker(files: _Files) -> bool:
+def _is_docker(files: SourceFiles) -> bool:
     """A docker ``manifest.json``: a JSON list of objects with ``Layers`` (a rootfs may well
     have some other manifest.json at its top)."""
     if not files.exists(DOCKER_MANIFEST):
@@ -218,215 +215,11 @@ def short_ident(ident: str) -> str:
     return ident
 
 
-# -- where the bytes are -----------------------------------------------------------------------
-
-
-class _Files:
-    """Members of a layout root or an archive, by normalised relative name."""
-
-    label: str
-
-    def exists(self, member: str) -> bool:
-        raise NotImplementedError
-
-    def where(self, member: str) -> str:
-        raise NotImplementedError
-
-    def has_dir(self, member: str) -> bool:
-        raise NotImplementedError
-
-    def read(self, member: str, what: str) -> bytes:
-        """A small member's bytes; ``CorruptStore`` naming it when missing or too big."""
-        raise NotImplementedError
-
-    @contextmanager
-    def session(self) -> Iterator[None]:
-        yield
-
-    @contextmanager
-    def layer(self, member: str, what: str) -> Iterator[LayerSource]:
-        raise NotImplementedError
-        yield  # pragma: no cover
-
-
-def _member(name: str, referrer: str, where: str) -> str:
-    """A member name from a document, normalised; one that leaves the root is corrupt."""
-    normal = normalize(os.fsencode(name))
-    if not normal:
-        raise CorruptStore(f"{referrer} names {name!r}, which is outside the image", path=where)
-    return os.fsdecode(normal)
-
-
-class _DirFiles(_Files):
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.label = root
-        self._real_root = os.path.realpath(root)
-
-    def where(self, member: str) -> str:
-        return os.path.join(self.root, member)
-
-    def exists(self, member: str) -> bool:
-        return os.path.lexists(self.where(member))
-
-    def has_dir(self, member: str) -> bool:
-        return os.path.isdir(self.where(member)) and not os.path.islink(self.where(member))
-
-    def _checked(self, member: str, what: str) -> str:
-        path = self.where(member)
-        if not os.path.lexists(path):
-            raise CorruptStore(f"{what} is missing", path=path)
-        real = os.path.realpath(path)
-        if not real.startswith(self._real_root.rstrip("/") + "/"):
-            raise UnsafePath(f"{what} is a symlink out of the image directory", path=path)
-        if not os.path.isfile(real):
-            raise CorruptStore(f"{what} is not a regular file", path=path)
-        return real
-
-    def read(self, member: str, what: str) -> bytes:
-        path = self._checked(member, what)
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_JSON + 1)
-        except OSError as err:
-            raise CorruptStore(f"cannot read {what}: {os.strerror(err.errno or 0)}",
-                               path=self.where(member)) from None
-        if len(data) > MAX_JSON:
-            raise CorruptStore(f"{what} is larger than {MAX_JSON >> 20} MiB",
-                               path=self.where(member))
-        return data
-
-    @contextmanager
-    def layer(self, member: str, what: str) -> Iterator[LayerSource]:
-        self._checked(member, what)
-        yield self.where(member)
-
-
-@dataclass(frozen=True, slots=True)
-class _TarMember:
-    offset: int  # of the data
-    size: int
-    type: bytes
-    link: str
-
-
-class _TarFiles(_Files):
-    """An uncompressed tar, scanned once at construction; members read with ``pread``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.label = path
-        self._fd: int | None = None
-        self.members: dict[str, _TarMember] = {}
-        try:
-            with open(path, "rb") as f:
-                head = f.read(6)
-                for magic, name in _COMPRESSED.items():
-                    if head.startswith(magic):
-                        raise CompressedArchive(
-                            f"{name}-compressed archive; decompress it first (crifs reads "
-                            "compressed layers, not a compressed outer archive)", path=path)
-                f.seek(0)
-                with tarfile.open(fileobj=f, mode="r:", encoding="utf-8",
-                                  errors="surrogateescape") as tar:
-                    for info in tar:
-                        self._add(info)
-        except tarfile.ReadError as err:
-            if not self.members:
-                raise BadInput(f"is not a tar archive ({err})", path=path) from None
-            raise CorruptStore(f"truncated or corrupt archive: {err}", path=path) from None
-        except OSError as err:
-            raise BadInput(f"cannot read: {os.strerror(err.errno or 0)}", path=path) from None
-
-    def _add(self, info: tarfile.TarInfo) -> None:
-        name = normalize(info.name.encode("utf-8", "surrogateescape"))
-        if not name:
-            return
-        if info.issparse():
-            return  # never a layout member; ignored rather than read wrongly
-        link = info.linkname if (info.issym() or info.islnk()) else ""
-        self.members[os.fsdecode(name)] = _TarMember(info.offset_data, info.size, info.type,
-                                                     link)
-
-    def where(self, member: str) -> str:
-        return f"{self.path}:{member}"
-
-    def exists(self, member: str) -> bool:
-        return member in self.members
-
-    def has_dir(self, member: str) -> bool:
-        prefix = member + "/"
-        return any(name.startswith(prefix) for name in self.members)
-
-    def _resolve(self, member: str, what: str) -> _TarMember:
-        """The regular-file member ``member`` is or links to (inside the archive only)."""
-        name = member
-        for _ in range(_MAX_MEMBER_LINKS):
-            found = self.members.get(name)
-            if found is None:
-                raise CorruptStore(f"{what} is missing", path=self.where(member))
-            if found.type == tarfile.SYMTYPE:
-                base = os.path.dirname(name).encode()
-                target = found.link.encode("utf-8", "surrogateescape")
-                joined = normalize(target if target.startswith(b"/") else base + b"/" + target)
-                if not joined:
-                    raise UnsafePath(f"{what} is a symlink out of the archive",
-                                     path=self.where(member))
-                name = os.fsdecode(joined)
-                continue
-            if found.type == tarfile.LNKTYPE:
-                linked = normalize(found.link.encode("utf-8", "surrogateescape"))
-                if not linked:
-                    raise CorruptStore(f"{what} is a hard link out of the archive",
-                                       path=self.where(member))
-                name = os.fsdecode(linked)
-                continue
-            if found.type not in tarfile.REGULAR_TYPES:
-                raise CorruptStore(f"{what} is not a regular file", path=self.where(member))
-            return found
-        raise CorruptStore(f"{what}: too many links", path=self.where(member))
-
-    @contextmanager
-    def session(self) -> Iterator[None]:
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as err:
-            raise BadInput(f"cannot read: {os.strerror(err.errno or 0)}",
-                           path=self.path) from None
-        try:
-            yield
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
-    def read(self, member: str, what: str) -> bytes:
-        found = self._resolve(member, what)
-        if found.size > MAX_JSON:
-            raise CorruptStore(f"{what} is larger than {MAX_JSON >> 20} MiB",
-                               path=self.where(member))
-        if self._fd is not None:
-            data = os.pread(self._fd, found.size, found.offset)
-        else:
-            with self.session():
-                assert self._fd is not None
-                data = os.pread(self._fd, found.size, found.offset)
-        if len(data) != found.size:
-            raise CorruptStore(f"{what} is truncated", path=self.where(member))
-        return data
-
-    @contextmanager
-    def layer(self, member: str, what: str) -> Iterator[LayerSource]:
-        found = self._resolve(member, what)
-        if self._fd is None:
-            raise RuntimeError("layer() outside session()")
-        yield FileRange(self._fd, found.offset, found.size, self.where(member))
-
-
 # -- reading the documents ---------------------------------------------------------------------
 
 
 class _Reader:
-    def __init__(self, files: _Files, host: HostPlatform, all_platforms: bool) -> None:
+    def __init__(self, files: SourceFiles, host: HostPlatform, all_platforms: bool) -> None:
         self.files = files
         self.host = host
         self.all_platforms = all_platforms
@@ -443,7 +236,7 @@ class _Reader:
             raise CorruptStore(f"{what} is not valid JSON: {err}",
                                path=self.files.where(member)) from None
 
-    def blob_member(self, digest: str, referrer: str) -> str:
+    def blobmember_name(self, digest: str, referrer: str) -> str:
         m = _DIGEST.match(digest)
         if m is None:
             raise CorruptStore(f"{referrer} names a malformed digest {digest!r}",
@@ -479,7 +272,7 @@ class _Reader:
         images: list[SourceImage] = []
         for desc in candidates:
             digest = desc["digest"]
-            member = self.blob_member(digest, f"image {name}")
+            member = self.blobmember_name(digest, f"image {name}")
             what = f"blob {digest}"
             media = desc.get("mediaType", "")
             doc = self.json(member, what, digest)
@@ -509,7 +302,7 @@ class _Reader:
         config = _descriptor(manifest.get("config"), f"{what} config", where)
         layers = [_descriptor(x, f"{what} layers[{i}]", where)
                   for i, x in enumerate(_field(manifest, "layers", list, what, where))]
-        config_member = self.blob_member(config["digest"], what)
+        config_member = self.blobmember_name(config["digest"], what)
         config_doc = self.json(config_member, f"config {config['digest']}", config["digest"])
         diff_ids = _diff_ids(config_doc)
         platform = _platform(desc.get("platform")) or _platform(config_doc)
@@ -522,7 +315,7 @@ class _Reader:
                     digest=layer["digest"],
                     media_type=layer.get("mediaType", ""),
                     size=layer.get("size"),
-                    member=self.blob_member(layer["digest"], what),
+                    member=self.blobmember_name(layer["digest"], what),
                     diff_id=diff_ids[i] if diff_ids and len(diff_ids) == len(layers) else None,
                 )
                 for i, layer in enumerate(layers)
@@ -545,7 +338,7 @@ class _Reader:
             config_ref = _field(item, "Config", str, what, where)
             layer_refs = _field(item, "Layers", list, what, where)
             tags = item.get("RepoTags") or []
-            config_member = _member(config_ref, what, where)
+            config_member = member_name(config_ref, what, where)
             config_doc = self.json(config_member, f"config {config_ref}")
             diff_ids = _diff_ids(config_doc)
             if diff_ids is not None and len(diff_ids) != len(layer_refs):
@@ -554,11 +347,11 @@ class _Reader:
             for j, ref in enumerate(layer_refs):
                 if not isinstance(ref, str):
                     raise CorruptStore(f"{what} Layers[{j}] is not a string", path=where)
-                member = _member(ref, what, where)
+                member = member_name(ref, what, where)
                 diff_id = diff_ids[j] if diff_ids else None
-                digest = diff_id or _digest_of_blob_member(member) or member
+                digest = diff_id or _digest_of_blobmember_name(member) or member
                 layers.append(LayerDescriptor(digest, "", None, member, diff_id))
-            config_digest = _digest_of_blob_member(config_member) or (
+            config_digest = _digest_of_blobmember_name(config_member) or (
                 "sha256:" + config_member.removesuffix(".json")
                 if re.fullmatch(r"[0-9a-f]{64}\.json", config_member) else None)
             name = next((t for t in tags if isinstance(t, str)), None)
@@ -631,7 +424,7 @@ def _diff_ids(config: Any) -> list[str] | None:
     return None
 
 
-def _digest_of_blob_member(member: str) -> str | None:
+def _digest_of_blobmember_name(member: str) -> str | None:
     parts = member.split("/")
     if len(parts) == 3 and parts[0] == "blobs" and _DIGEST.match(f"{parts[1]}:{parts[2]}"):
         return f"{parts[1]}:{parts[2]}"
