@@ -196,7 +196,7 @@ class _Progress:
         self._targets_task: Any = None
         self._links_task: Any = None
         self._label = ""
-        self._drawn = 0.0  # time.monotonic() of the last redraw while reading
+        self._drawn = 0.0  # time.monotonic() of the last redraw of a running count
 
     def __enter__(self) -> _Progress:
         if sys.stderr.isatty():
@@ -234,12 +234,8 @@ class _Progress:
 
     def reading_layer(self, position: int, layers: int, read: int) -> None:
         """A ``LayerProgress``: how far the reading of the current target is."""
-        if self._bar is None:
+        if self._bar is None or self._too_soon():
             return
-        now = time.monotonic()
-        if now - self._drawn < _REDRAW_EVERY:
-            return
-        self._drawn = now
         layer = f"layer {position + 1}/{layers}, " if layers > 1 else ""
         self._bar.update(
             self._targets_task, description=f"reading {self._label}: {layer}{read:,} entries"
@@ -252,7 +248,17 @@ class _Progress:
         if self._links_task is None:
             self._links_task = self._bar.add_task("symlinks", total=total)
         self._bar.update(self._links_task, completed=done, total=total)
-        self._bar.refresh()
+        if done >= total or not self._too_soon():
+            self._bar.refresh()
+
+    def _too_soon(self) -> bool:
+        """Whether the last redraw of a running count was less than ``_REDRAW_EVERY`` ago
+        (else the time of this one is noted)."""
+        now = time.monotonic()
+        if now - self._drawn < _REDRAW_EVERY:
+            return True
+        self._drawn = now
+        return False
 
     def target_done(self) -> None:
         if self._bar is not None:
