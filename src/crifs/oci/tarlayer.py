@@ -155,6 +155,19 @@ class _ListingBuilder:
 
     def plain(self, raw: bytes, entry: Entry) -> None:
         """Add a member whose entry needs no link handling (the hot path of every reader)."""
+        key = self.key(raw, entry.kind)
+        if key is None:
+            return
+        raw = key
+        entries = self.entries
+        if raw in entries:
+            self.duplicate(raw)
+            if self.notable:
+                self.notable.pop(raw, None)
+        entries[raw] = entry
+
+    def key(self, raw: bytes, kind: EntryKind) -> bytes | None:
+        """``path``, with a quick answer for the common name that is normal already."""
         # Most names are normal already; the rest, and every deletion marker (".wh." starts
         # the name or follows a "/"), go through ``path``. The tests run on a latin-1 view:
         # ``in`` on str is several times faster than on bytes in CPython 3.11.
@@ -163,16 +176,8 @@ class _ListingBuilder:
         text = raw.decode("latin-1")
         if (not text or text[0] in "./" or text[-1] == "/" or "/." in text
                 or "//" in text):
-            checked = self.path(raw, entry.kind)
-            if checked is None:
-                return
-            raw = checked
-        entries = self.entries
-        if raw in entries:
-            self.duplicate(raw)
-            if self.notable:
-                self.notable.pop(raw, None)
-        entries[raw] = entry
+            return self.path(raw, kind)
+        return raw
 
     def path(self, raw: bytes, kind: EntryKind) -> bytes | None:
         """The normalised path of a member, ``None`` when it is skipped (problems noted) or is a
@@ -210,16 +215,9 @@ class _ListingBuilder:
         if not self.details and kind is EntryKind.DIR:
             self.plain(raw, PLAIN_DIR)
             return
-        if raw[:2] == b"./":
-            raw = raw[2:]
-        text = raw.decode("latin-1")  # the test of ``plain``: a normal name, no marker
-        if (not text or text[0] in "./" or text[-1] == "/" or "/." in text
-                or "//" in text):
-            path = self.path(raw, kind)
-            if path is None:
-                return
-        else:
-            path = raw
+        path = self.key(raw, kind)
+        if path is None:
+            return
         if kind is EntryKind.HARDLINK:
             target = normalize(link)
             if not target:
@@ -431,7 +429,7 @@ class _Libarchive:
                 else:
                     plain_entry = None
                 if plain_entry is not None:
-                    # _ListingBuilder.plain inlined for the common case (see there).
+                    # _ListingBuilder.plain inlined for the common case (the test of its key).
                     text = raw.decode("latin-1")
                     if (not text or text[0] in "./" or text[-1] == "/" or "/." in text
                             or "//" in text or raw in entries):
